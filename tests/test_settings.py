@@ -1,0 +1,44 @@
+"""Settings come from TIERQ_* variables; secrets reach librdkafka but never a repr."""
+
+import pytest
+
+from schemas.settings import BrokerNotConfigured, Settings
+
+
+def test_env_prefix_and_nesting(monkeypatch):
+    monkeypatch.setenv("TIERQ_BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    monkeypatch.setenv("TIERQ_SECURITY__PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("TIERQ_SECURITY__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("TIERQ_SECURITY__SASL_USERNAME", "svc")
+    monkeypatch.setenv("TIERQ_SECURITY__SASL_PASSWORD", "hunter2")
+    monkeypatch.setenv("TIERQ_KAFKA_EXTRA", '{"socket.keepalive.enable": "true"}')
+    settings = Settings(_env_file=None)
+    conf = settings.librdkafka("producer", acks="all")
+    assert conf["bootstrap.servers"] == "k1:9092,k2:9092"
+    assert conf["security.protocol"] == "SASL_SSL"
+    assert conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.password"] == "hunter2"
+    assert conf["socket.keepalive.enable"] == "true"
+    assert conf["client.id"] == "tierq-producer" and conf["acks"] == "all"
+    assert "hunter2" not in repr(settings)
+
+
+def test_dotenv_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("TIERQ_BOOTSTRAP_SERVERS", raising=False)
+    env = tmp_path / ".env"
+    env.write_text("TIERQ_BOOTSTRAP_SERVERS=fromfile:9092\nTIERQ_TOPICS_FILE=/etc/tierq/topics.yaml\n")
+    settings = Settings(_env_file=env)
+    assert settings.bootstrap_servers == "fromfile:9092"
+    assert str(settings.topics_file) == "/etc/tierq/topics.yaml"
+
+
+def test_missing_bootstrap_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TIERQ_BOOTSTRAP_SERVERS", raising=False)
+    with pytest.raises(BrokerNotConfigured, match="TIERQ_BOOTSTRAP_SERVERS"):
+        Settings(_env_file=None).librdkafka("admin")
+
+
+def test_invalid_security_protocol(monkeypatch):
+    monkeypatch.setenv("TIERQ_SECURITY__PROTOCOL", "SMOKE_SIGNALS")
+    with pytest.raises(ValueError, match="security.protocol"):
+        Settings(_env_file=None)
