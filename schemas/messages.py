@@ -28,9 +28,11 @@ REPLY_SCHEMA = "tierq.reply/v1"
 
 #: Tenant ids appear in topic names (``tierq.replies.<tenant>``), so they use the
 #: characters Kafka allows in a topic name, lower case only.
-TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-PoolName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-RequestId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+PoolName = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
 
 
 class Band(str, enum.Enum):

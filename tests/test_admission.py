@@ -1,0 +1,166 @@
+"""The admission policy on its own: order, aging, reserved slots, fairness, deadlines, caps."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.messages import BAND_ORDER, Band
+from worker.admission import AdmissionPolicy, BandRules, Pending
+
+H, M, L = Band.high, Band.medium, Band.low
+
+
+def rules(medium_step=30.0, low_step=60.0, reserved=(2, 1, 0)):
+    steps = {H: None, M: medium_step, L: low_step}
+    return {b: BandRules(steps[b], reserved[b.rank]) for b in BAND_ORDER}
+
+
+def item(rid, band, t=0.0, tenant="a", cost=1.0, deadline=float("inf")):
+    return Pending(rid, tenant, band, submitted_ts=t, cost=cost, deadline_ts=deadline)
+
+
+def drain(policy, now, finish=True):
+    order = []
+    while (nxt := policy.next(now)) is not None:
+        order.append(nxt.request_id)
+        if finish:
+            policy.finished(nxt)
+    return order
+
+
+def test_strict_priority_then_age():
+    policy = AdmissionPolicy(rules(), capacity=8)
+    for rid, band, t in [("l1", L, 1), ("m1", M, 2), ("h1", H, 3), ("l0", L, 0), ("h0", H, 2.5)]:
+        policy.add(item(rid, band, t))
+    assert drain(policy, now=5) == ["h0", "h1", "m1", "l0", "l1"]
+
+
+def test_aging_promotes_by_band_steps():
+    policy = AdmissionPolicy(rules(medium_step=30, low_step=60), capacity=8)
+    low = item("l", L, t=0)
+    policy.add(low)
+    assert policy.effective_band(low, 59.9) is L
+    assert policy.effective_band(low, 60) is M
+    assert policy.effective_band(low, 89.9) is M
+    assert policy.effective_band(low, 90) is H
+
+
+def test_aged_low_beats_fresh_medium_and_is_reported_served_as():
+    policy = AdmissionPolicy(rules(), capacity=8)
+    policy.add(item("fresh-m", M, t=65))
+    policy.add(item("old-l", L, t=0))
+    first = policy.next(now=70)  # promoted to medium at 60, to high only at 90
+    assert first.request_id == "old-l" and first.served_as is M
+
+
+def test_no_aging_when_disabled():
+    policy = AdmissionPolicy(rules(), capacity=1, aging=False)
+    policy.add(item("old-l", L, t=0))
+    policy.add(item("h", H, t=1000))
+    assert policy.next(now=10_000).request_id == "h"
+
+
+def test_reserved_slots_keep_room_for_higher_bands():
+    policy = AdmissionPolicy(rules(reserved=(2, 1, 0)), capacity=8)
+    for i in range(20):
+        policy.add(item(f"l{i}", L, t=i))
+    started = drain(policy, now=0, finish=False)
+    assert len(started) == 5  # 8 slots - 2 for high - 1 for medium
+    policy.add(item("m", M, t=30))
+    policy.add(item("h1", H, t=31))
+    policy.add(item("h2", H, t=32))
+    policy.add(item("h3", H, t=33))
+    assert drain(policy, now=40, finish=False) == ["h1", "h2", "h3"]  # m would need slot 7 of limit 7
+    assert policy.in_flight == 8
+
+
+def test_fair_share_between_tenants_in_one_band():
+    policy = AdmissionPolicy(rules(), capacity=1)
+    for i in range(100):
+        policy.add(item(f"x{i}", L, t=i * 0.01, tenant="x"))
+    for i in range(10):
+        policy.add(item(f"y{i}", L, t=5 + i, tenant="y"))
+    first_20 = drain(policy, now=0)[:20]
+    assert sum(r.startswith("y") for r in first_20) == 10
+
+
+def test_fair_share_weighs_token_cost():
+    policy = AdmissionPolicy(rules(), capacity=1)
+    for i in range(10):
+        policy.add(item(f"big{i}", L, t=i, tenant="big", cost=100))
+        policy.add(item(f"small{i}", L, t=i, tenant="small", cost=10))
+    order = drain(policy, now=0)[:11]
+    assert sum(r.startswith("small") for r in order) == 10
+
+
+def test_idle_tenant_cannot_bank_credit():
+    policy = AdmissionPolicy(rules(), capacity=1)
+    for i in range(50):
+        policy.add(item(f"x{i}", L, t=i, tenant="x"))
+    for _ in range(40):
+        policy.finished(policy.next(0))
+    for i in range(5):
+        policy.add(item(f"y{i}", L, t=100 + i, tenant="y"))
+    order = drain(policy, now=0)[:4]
+    assert order.count("y0") + order.count("y1") == 2 and any(r.startswith("x") for r in order)
+
+
+def test_expired_requests_never_admitted():
+    policy = AdmissionPolicy(rules(), capacity=8)
+    policy.add(item("late", H, t=0, deadline=5))
+    policy.add(item("fine", L, t=0, deadline=50))
+    assert [p.request_id for p in policy.take_expired(now=10)] == ["late"]
+    assert drain(policy, now=10) == ["fine"]
+
+
+def test_tenant_in_flight_cap():
+    policy = AdmissionPolicy(rules(), capacity=8, tenant_caps={"greedy": 2})
+    for i in range(5):
+        policy.add(item(f"g{i}", H, t=i, tenant="greedy"))
+    policy.add(item("o", L, t=10, tenant="other"))
+    assert drain(policy, now=10, finish=False) == ["g0", "g1", "o"]
+
+
+pending_lists = st.lists(
+    st.tuples(st.sampled_from(BAND_ORDER), st.floats(0, 100), st.sampled_from(["a", "b", "c"])),
+    min_size=1, max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pending_lists)
+def test_property_strict_order_without_aging(items):
+    policy = AdmissionPolicy(rules(), capacity=1, aging=False)
+    for i, (band, t, tenant) in enumerate(items):
+        policy.add(item(str(i), band, t, tenant))
+    ranks = []
+    while (nxt := policy.next(1000)) is not None:
+        ranks.append(nxt.band.rank)
+        policy.finished(nxt)
+    assert ranks == sorted(ranks)
+    assert len(ranks) == len(items)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pending_lists, st.integers(1, 4))
+def test_property_bounded_wait_and_no_double_admission(items, capacity):
+    """With aging, a request waits at most the sum of steps to reach high, plus the high work ahead of it."""
+    step = 10.0
+    policy = AdmissionPolicy(rules(medium_step=step, low_step=step, reserved=(0, 0, 0)), capacity=capacity)
+    for i, (band, t, tenant) in enumerate(items):
+        policy.add(item(str(i), band, t, tenant))
+    now, admitted, running = 0.0, {}, []
+    while policy.waiting or running:
+        while (nxt := policy.next(now)) is not None:
+            assert nxt.request_id not in admitted
+            admitted[nxt.request_id] = now
+            running.append(nxt)
+        now += 1.0  # each request takes one second
+        for done in running:
+            policy.finished(done)
+        running = []
+    assert len(admitted) == len(items)
+    for i, (band, t, _tenant) in enumerate(items):
+        wait = admitted[str(i)] - max(t, 0.0)
+        assert wait <= 2 * step + len(items) / capacity + 1

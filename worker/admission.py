@@ -1,0 +1,165 @@
+"""Admission: which buffered request the engine gets next. Pure logic, no Kafka, no clock.
+
+Rules, in order:
+1. **Deadline**: a request whose deadline has passed is expired, never admitted.
+2. **Strict priority with aging**: the effective band is the topic's band, promoted one
+   band each time the request has waited that band's ``aging_step_s`` since
+   ``submitted_at`` (so every worker computes the same band). The promotion times are
+   fixed when the request arrives; only the comparison with ``now`` changes.
+3. **Reserved slots**: a request in effective band *r* may start only while fewer than
+   ``capacity - sum(reserved_slots of bands above r)`` requests are in flight, so a burst
+   of high requests finds free slots even when low work is plentiful.
+4. **Fair share within a band**: start-time fair queuing over tenants, with the request's
+   token budget as its cost: a tenant's next start tag is
+   ``max(band virtual time, that tenant's last finish tag)`` and the smallest tag goes first;
+   ties go to the older request. A tenant with 10x the backlog gets no more than its share.
+5. **Per-tenant in-flight cap** (``quotas.max_in_flight``): a tenant at its cap is skipped.
+
+Selection scans the small bounded buffer each time instead of keeping a heap: a heap
+whose order depends on the clock silently breaks, a scan of a few dozen items cannot.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.messages import BAND_ORDER, Band
+
+NEVER = float("inf")
+
+
+@dataclass(frozen=True)
+class BandRules:
+    """The admission-relevant part of one band's topics.yaml entry."""
+
+    aging_step_s: float | None
+    reserved_slots: int
+
+
+@dataclass(eq=False)
+class Pending:
+    """A buffered request. ``submitted_ts``/``deadline_ts`` are epoch seconds."""
+
+    request_id: str
+    tenant_id: str
+    band: Band
+    submitted_ts: float
+    cost: float = 1.0
+    deadline_ts: float = NEVER
+    payload: Any = None
+    promote_at: tuple[float, ...] = ()
+    seq: int = 0
+    served_as: Band | None = field(default=None)
+
+
+class AdmissionPolicy:
+    """Buffered requests in, one admitted request out; tracks what is in flight."""
+
+    def __init__(
+        self,
+        bands: dict[Band, BandRules],
+        capacity: int,
+        tenant_caps: dict[str, int | None] | None = None,
+        aging: bool = True,
+    ):
+        self.bands = bands
+        self.capacity = capacity
+        self.tenant_caps = tenant_caps or {}
+        self.aging = aging
+        self.waiting: list[Pending] = []
+        self.in_flight = 0
+        self.in_flight_by_tenant: dict[str, int] = defaultdict(int)
+        self._limit = {}
+        reserved_above = 0
+        for band in BAND_ORDER:
+            self._limit[band] = max(capacity - reserved_above, 1)
+            reserved_above += bands[band].reserved_slots
+        self._virtual_time = {band: 0.0 for band in BAND_ORDER}
+        self._finish_tag: dict[Band, dict[str, float]] = {band: {} for band in BAND_ORDER}
+        self._seq = itertools.count()
+
+    def limit(self, band: Band) -> int:
+        """In-flight requests below which a request of effective ``band`` may start."""
+        return self._limit[band]
+
+    def add(self, item: Pending) -> None:
+        item.seq = next(self._seq)
+        item.promote_at = self._promotion_times(item) if self.aging else ()
+        self.waiting.append(item)
+
+    def _promotion_times(self, item: Pending) -> tuple[float, ...]:
+        """Epoch times at which the item reaches each higher band, nearest first."""
+        times = []
+        at = item.submitted_ts
+        for rank in range(item.band.rank, 0, -1):
+            step = self.bands[BAND_ORDER[rank]].aging_step_s
+            if step is None:
+                break
+            at += step
+            times.append(at)
+        return tuple(times)
+
+    @staticmethod
+    def effective_band(item: Pending, now: float) -> Band:
+        promotions = 0
+        for at in item.promote_at:
+            if now < at:
+                break
+            promotions += 1
+        return BAND_ORDER[item.band.rank - promotions]
+
+    def take_expired(self, now: float) -> list[Pending]:
+        expired = [item for item in self.waiting if item.deadline_ts <= now]
+        if expired:
+            self.waiting = [item for item in self.waiting if item.deadline_ts > now]
+        return expired
+
+    def next(self, now: float) -> Pending | None:
+        """Remove and return the request to start now, or None if nothing may start."""
+        best, best_key, best_band = None, None, Band.low
+        for item in self.waiting:
+            cap = self.tenant_caps.get(item.tenant_id)
+            if cap is not None and self.in_flight_by_tenant[item.tenant_id] >= cap:
+                continue
+            band = self.effective_band(item, now)
+            start = max(self._virtual_time[band], self._finish_tag[band].get(item.tenant_id, 0.0))
+            key = (band.rank, start, item.submitted_ts, item.seq)
+            if best_key is None or key < best_key:
+                best, best_key, best_band = item, key, band
+        if best is None or self.in_flight >= self._limit[best_band]:
+            return None
+        assert best_key is not None
+        self.waiting.remove(best)
+        start = best_key[1]
+        self._virtual_time[best_band] = start
+        self._finish_tag[best_band][best.tenant_id] = start + best.cost
+        best.served_as = best_band
+        self.in_flight += 1
+        self.in_flight_by_tenant[best.tenant_id] += 1
+        return best
+
+    def finished(self, item: Pending) -> None:
+        self.in_flight -= 1
+        self.in_flight_by_tenant[item.tenant_id] -= 1
+
+    def remove_where(self, predicate: Any) -> list[Pending]:
+        """Drop waiting items matching ``predicate`` (e.g. from revoked partitions)."""
+        removed = [item for item in self.waiting if predicate(item)]
+        if removed:
+            self.waiting = [item for item in self.waiting if not predicate(item)]
+        return removed
+
+    def waiting_by_band(self) -> dict[Band, int]:
+        counts = {band: 0 for band in BAND_ORDER}
+        for item in self.waiting:
+            counts[item.band] += 1
+        return counts
+
+
+def band_rules(bands: Iterable[tuple[Band, Any]]) -> dict[Band, BandRules]:
+    """BandRules from topology band configs."""
+    return {band: BandRules(config.aging_step_s, config.reserved_slots) for band, config in bands}

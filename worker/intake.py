@@ -1,0 +1,123 @@
+"""Kafka intake: one consumer on the pool's three band topics, with pause/resume backpressure.
+
+Work stays in Kafka until this worker has room for it: when a band's local buffer is
+full, that band's partitions are paused (``poll`` keeps running so the group does not
+rebalance us out), and resumed once the buffer is half empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import confluent_kafka
+import structlog
+from confluent_kafka import TopicPartition
+
+from schemas.messages import Band
+from schemas.settings import Settings
+
+log = structlog.get_logger("tierq.intake")
+
+PartitionKey = tuple[str, int]
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: Settings,
+        band_topics: dict[Band, str],
+        group_id: str,
+        *,
+        session_timeout_ms: int = 10_000,
+        on_revoked: Callable[[list[PartitionKey], bool], None] | None = None,
+    ):
+        self.topic_band = {topic: band for band, topic in band_topics.items()}
+        self.assigned: set[PartitionKey] = set()
+        self.paused: set[Band] = set()
+        self._on_revoked = on_revoked
+        self._consumer = confluent_kafka.Consumer(settings.librdkafka(
+            "worker",
+            **{
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": session_timeout_ms,
+                "heartbeat.interval.ms": max(session_timeout_ms // 5, 500),
+                # keep librdkafka's own prefetch small: the backlog belongs in Kafka
+                "queued.min.messages": 64,
+                "queued.max.messages.kbytes": 2048,
+                "fetch.wait.max.ms": 50,
+            },
+        ))
+
+    def subscribe(self) -> None:
+        self._consumer.subscribe(
+            list(self.topic_band), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    def _assigned(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.assigned.update(keys)
+        log.info("partitions_assigned", partitions=sorted(keys))
+        paused = [tp for tp in partitions if self.topic_band[tp.topic] in self.paused]
+        if paused:
+            consumer.pause(paused)
+
+    def _revoked(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(partitions, lost=False)
+
+    def _lost(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(partitions, lost=True)
+
+    def _release(self, partitions: list[TopicPartition], lost: bool) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        log.info("partitions_lost" if lost else "partitions_revoked", partitions=sorted(keys))
+        if self._on_revoked is not None:
+            self._on_revoked(keys, lost)
+        self.assigned.difference_update(keys)
+
+    def poll(self, max_messages: int = 64) -> list[confluent_kafka.Message]:
+        """Non-blocking: whatever is already fetched, and rebalance callbacks."""
+        messages = self._consumer.consume(num_messages=max_messages, timeout=0)
+        good = []
+        for msg in messages:
+            error = msg.error()
+            if error is None:
+                good.append(msg)
+            elif error.code() != confluent_kafka.KafkaError._PARTITION_EOF:
+                if error.fatal():
+                    raise confluent_kafka.KafkaException(error)
+                log.warning("consumer_error", error=error.str())
+        return good
+
+    def apply_backpressure(self, waiting: dict[Band, int], limit: int) -> None:
+        for band, count in waiting.items():
+            if band not in self.paused and count >= limit:
+                self._set_paused(band, True)
+            elif band in self.paused and count <= limit // 2:
+                self._set_paused(band, False)
+
+    def _set_paused(self, band: Band, paused: bool) -> None:
+        partitions = [TopicPartition(t, p) for t, p in self.assigned if self.topic_band[t] is band]
+        if paused:
+            self.paused.add(band)
+            if partitions:
+                self._consumer.pause(partitions)
+        else:
+            self.paused.discard(band)
+            if partitions:
+                self._consumer.resume(partitions)
+
+    def commit(self, offsets: dict[PartitionKey, int], *, asynchronous: bool = True) -> None:
+        owned = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned]
+        if not owned:
+            return
+        try:
+            self._consumer.commit(offsets=owned, asynchronous=asynchronous)
+        except confluent_kafka.KafkaException as exc:
+            log.warning("commit_failed", error=str(exc), offsets={f"{t.topic}[{t.partition}]": t.offset for t in owned})
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,82 @@
+"""Writing results: replies, dead letters and attempt counts, through one idempotent producer.
+
+Each send takes an ``on_durable`` callback that runs only once the broker has
+acknowledged the record (acks=all); the worker marks the source offset done there and
+nowhere else. A record the broker refuses for good is fatal: the worker stops without
+committing, and the request is served again after restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import confluent_kafka
+import structlog
+
+from schemas.codec import dumps, encode
+from schemas.messages import Reply, utc_now
+from schemas.settings import Settings
+
+log = structlog.get_logger("tierq.replies")
+
+REPLY_PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 2,
+    "compression.type": "lz4",
+}
+
+
+class ReplyWriter:
+    def __init__(self, settings: Settings, dlq_topic: str, attempts_topic: str):
+        self._producer = confluent_kafka.Producer(settings.librdkafka("worker-replies", **REPLY_PRODUCER_DEFAULTS))
+        self.dlq_topic = dlq_topic
+        self.attempts_topic = attempts_topic
+        self.fatal: str | None = None
+
+    def _send(self, topic: str, key: bytes, value: bytes | None, on_durable: Callable[[], None] | None,
+              headers: list[tuple[str, bytes]] | None = None) -> None:
+        def delivered(err: confluent_kafka.KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                self.fatal = f"broker refused a record for {topic}: {err.str()}"
+                log.error("delivery_failed", topic=topic, key=key.decode(errors="replace"), error=err.str())
+            elif on_durable is not None:
+                on_durable()
+
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=delivered)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def reply(self, topic: str, reply: Reply, on_durable: Callable[[], None] | None = None) -> None:
+        self._send(topic, reply.request_id.encode(), encode(reply), on_durable,
+                   headers=[("request_id", reply.request_id.encode()), ("status", reply.status.value.encode())])
+
+    def dead_letter(self, raw: bytes | None, source: tuple[str, int, int], reason: str, *,
+                    key: bytes | None = None, on_durable: Callable[[], None] | None = None) -> None:
+        """DLQ record: the original bytes untouched as value, where and why in headers and key."""
+        topic, partition, offset = source
+        headers = [
+            ("tierq.source_topic", topic.encode()),
+            ("tierq.source_partition", str(partition).encode()),
+            ("tierq.source_offset", str(offset).encode()),
+            ("tierq.reason", reason.encode()[:4096]),
+            ("tierq.dead_lettered_at", utc_now().isoformat().encode()),
+        ]
+        self._send(self.dlq_topic, key or f"{topic}:{partition}:{offset}".encode(), raw, on_durable, headers)
+
+    def count_attempt(self, request_id: str, attempts: int, on_durable: Callable[[], None]) -> None:
+        self._send(self.attempts_topic, request_id.encode(), dumps({"attempts": attempts}), on_durable)
+
+    def clear_attempts(self, request_id: str) -> None:
+        """Tombstone: the compacted attempts topic forgets a request once it is answered."""
+        self._send(self.attempts_topic, request_id.encode(), None, None)
+
+    def poll(self) -> None:
+        self._producer.poll(0)
+
+    def flush(self, timeout: float) -> int:
+        return self._producer.flush(timeout)

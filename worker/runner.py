@@ -1,0 +1,75 @@
+"""Running a worker process: resolve broker and model defaults, start the engine, handle signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import structlog
+
+from producer.admin import create_topics
+from producer.broker import EmbeddedBroker
+from schemas.topology import Topology
+from worker.engine import Engine, EngineConfig
+from worker.service import Worker
+from worker.settings import WorkerSettings
+from worker.tinymodel import make_tiny_model
+
+log = structlog.get_logger("tierq.runner")
+
+
+@contextlib.contextmanager
+def local_broker_if_needed(settings: WorkerSettings, topology: Topology) -> Iterator[WorkerSettings]:
+    """With no bootstrap servers configured, run the embedded broker and create the topics."""
+    if settings.bootstrap_servers:
+        yield settings
+        return
+    broker = EmbeddedBroker(log_path=settings.state_dir / "broker.log").start()
+    log.info("embedded_broker_started", bootstrap=broker.bootstrap,
+             note="no TIERQ_BOOTSTRAP_SERVERS: data lives in memory and is lost when this process exits")
+    try:
+        local = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
+        create_topics(local, topology)
+        yield local
+    finally:
+        broker.stop()
+
+
+def engine_config(settings: WorkerSettings, topology: Topology) -> EngineConfig:
+    model = topology.pools[settings.pool].model or settings.model
+    extra = dict(settings.engine_extra)
+    dtype, max_model_len = settings.dtype, settings.max_model_len
+    if model is None:
+        model = str(make_tiny_model(settings.model_dir_default()))
+        log.warning("tiny_test_model", path=model,
+                    note="no model configured (TIERQ_MODEL): serving a tiny random model; its text is random")
+        dtype, max_model_len = "float32", max_model_len or 512
+        extra.setdefault("enforce_eager", True)
+    return EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
+                        gpu_memory_utilization=settings.gpu_memory_utilization,
+                        tensor_parallel_size=settings.tensor_parallel_size, extra=extra)
+
+
+async def serve(settings: WorkerSettings, topology: Topology, engine: Engine) -> int:
+    worker = Worker(settings, topology, engine)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.request_stop)
+    return await worker.run()
+
+
+def run_worker(settings: WorkerSettings, topology: Topology) -> int:
+    """Serve the pool until SIGTERM/SIGINT (graceful; a second one aborts)."""
+    if settings.metrics_port:
+        from worker import metrics
+
+        metrics.serve(settings.metrics_port)
+    with local_broker_if_needed(settings, topology) as settings:
+        engine = Engine.start(engine_config(settings, topology))
+        try:
+            return asyncio.run(serve(settings, topology, engine))
+        finally:
+            engine.shutdown()
+

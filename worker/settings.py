@@ -1,0 +1,45 @@
+"""Worker settings: which pool to serve, which model, engine sizing, and safety limits."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from schemas.settings import Settings
+
+
+class WorkerSettings(Settings):
+    """``TIERQ_*`` settings of one worker process (one per GPU or MIG slice)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TIERQ_", env_file=".env", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    pool: str = Field(default="default", description="pool whose three band topics this worker drains")
+    group_id: str | None = Field(default=None, description="consumer group (default tierq-<pool>)")
+    model: str | None = Field(default=None, description="model path or name; none: a tiny local test model")
+    dtype: str = Field(default="auto", description="vLLM dtype (float32 on CPU)")
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=16, ge=1, description="engine slots: requests generated at once")
+    engine_queue: int = Field(default=2, ge=0, description="requests allowed to wait inside vLLM beyond its slots")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    engine_extra: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine args, as JSON")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}/cpu")
+    prefetch_per_band: int | None = Field(default=None, ge=1, description="buffered requests per band (default 2x slots)")
+    max_attempts: int = Field(default=3, ge=1, description="engine attempts before a request is dead-lettered")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace period for in-flight requests")
+    metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    aging: bool = Field(default=True, description="promote waiting requests by aging (false: strict priority only)")
+
+    @property
+    def prefetch(self) -> int:
+        return self.prefetch_per_band or 2 * self.max_num_seqs
+
+    def model_dir_default(self) -> Path:
+        return self.state_dir / "tiny-model"
