@@ -157,6 +157,9 @@ class Worker:
         except InvalidMessage as exc:
             self._reject_invalid(msg, source, exc, band, done)
             return
+        if request.tenant_id not in self.topology.tenants:  # no reply topic to answer on
+            self._dead_letter(msg, source, f"unknown_tenant: unknown tenant {request.tenant_id!r}", done)
+            return
         problem = self._check_route(request, band)
         if problem is not None:
             self._reply_error(request.request_id, request.tenant_id, request.metadata, band, problem, done,
@@ -185,9 +188,7 @@ class Worker:
             self._dead_letter(msg, source, f"{exc.code.value}: {exc.message}", done)
 
     def _check_route(self, request: Request, band: Band) -> tuple[ErrorCode, str] | None:
-        tenant = self.topology.tenants.get(request.tenant_id)
-        if tenant is None:
-            return ErrorCode.unknown_tenant, f"unknown tenant {request.tenant_id!r}"
+        tenant = self.topology.tenants[request.tenant_id]
         if request.pool != self.pool:
             return ErrorCode.unknown_pool, f"request for pool {request.pool!r} arrived on pool {self.pool!r}'s topic"
         if band.rank < tenant.max_priority.rank:

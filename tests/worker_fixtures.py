@@ -1,0 +1,99 @@
+"""Fixtures for tests that need the real vLLM engine: one engine per session, workers per test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from producer.admin import create_topics
+from producer.client import Producer
+from producer.collector import ResultCollector
+from schemas.messages import Reply
+from schemas.topology import Topology
+from tests.conftest import isolated_topology
+from worker.engine import Engine, EngineConfig
+from worker.service import Worker
+from worker.settings import WorkerSettings
+from worker.tinymodel import make_tiny_model
+
+ENGINE_SLOTS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model: str) -> Any:
+    engine = Engine.start(EngineConfig(model=tiny_model, dtype="float32", max_model_len=512,
+                                       max_num_seqs=ENGINE_SLOTS, extra={"enforce_eager": True}))
+    yield engine
+    engine.shutdown()
+
+
+def custom_topology(base: Topology, settings: Any, **changes: Any) -> Topology:
+    """An isolated, created topology with ``bands``/``tenants`` changes applied."""
+    document = isolated_topology(base, f"w{uuid.uuid4().hex[:10]}").model_dump(mode="json")
+    for band, values in changes.get("bands", {}).items():
+        document["bands"][band].update(values)
+    for tenant, values in changes.get("tenants", {}).items():
+        document["tenants"][tenant].update(values)
+    topology = Topology.model_validate(document)
+    create_topics(settings, topology)
+    return topology
+
+
+@pytest_asyncio.fixture
+async def start_worker(engine: Any, settings: Any) -> AsyncIterator[Callable[..., Worker]]:
+    """Factory: run a Worker on the shared engine in the background until the test ends."""
+    running: list[tuple[Worker, asyncio.Task[int]]] = []
+
+    def start(topology: Topology, **overrides: Any) -> Worker:
+        worker_settings = WorkerSettings(
+            _env_file=None, bootstrap_servers=settings.bootstrap_servers, max_num_seqs=ENGINE_SLOTS,
+            group_id=f"g-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, worker_id="test/worker",
+            **overrides,
+        )
+        worker = Worker(worker_settings, topology, engine)
+        running.append((worker, asyncio.get_running_loop().create_task(worker.run())))
+        return worker
+
+    yield start
+    for worker, task in running:
+        worker.request_stop()
+        worker.request_stop()
+    for _worker, task in running:
+        assert await asyncio.wait_for(task, 60) == 0
+
+
+async def collect(settings: Any, topology: Topology, tenant: str, expect: int, timeout: float = 120) -> list[Reply]:
+    """Replies of one tenant, gathered off the event loop so the worker keeps running."""
+    def read() -> list[Reply]:
+        with ResultCollector(settings, topology, tenant) as collector:
+            return list(collector.replies(expect=expect, timeout=timeout))
+
+    return await asyncio.to_thread(read)
+
+
+def publish(settings: Any, topology: Topology, documents: list[dict[str, Any]]) -> list[str]:
+    with Producer(settings, topology) as producer:
+        futures = [producer.submit(doc) for doc in documents]
+        return [f.result(timeout=30).request_id for f in futures]
+
+
+def request(tenant: str = "acme", priority: str = "low", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    doc = {"tenant_id": tenant, "priority": priority, "prompt": "The quick brown fox",
+           "params": {"max_tokens": max_tokens, "temperature": 0.0}}
+    doc.update(extra)
+    return doc
+
+
+def now() -> float:
+    return time.time()
