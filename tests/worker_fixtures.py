@@ -56,11 +56,11 @@ async def start_worker(engine: Any, settings: Any) -> AsyncIterator[Callable[...
     running: list[tuple[Worker, asyncio.Task[int]]] = []
 
     def start(topology: Topology, **overrides: Any) -> Worker:
-        worker_settings = WorkerSettings(
-            _env_file=None, bootstrap_servers=settings.bootstrap_servers, max_num_seqs=ENGINE_SLOTS,
-            group_id=f"g-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, worker_id="test/worker",
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "bootstrap_servers": settings.bootstrap_servers, "max_num_seqs": ENGINE_SLOTS,
+            "group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000, "worker_id": "test/worker",
+        }
+        worker_settings = WorkerSettings(_env_file=None, **{**values, **overrides})
         worker = Worker(worker_settings, topology, engine)
         running.append((worker, asyncio.get_running_loop().create_task(worker.run())))
         return worker

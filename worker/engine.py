@@ -8,6 +8,7 @@ so the launcher restarts the process).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -169,7 +170,12 @@ class Engine:
 
     @property
     def dead(self) -> bool:
-        return bool(getattr(self._llm, "errored", False))
+        return self._llm is None or bool(getattr(self._llm, "errored", False))
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        """Stop the engine core; drop our reference so vLLM's __del__ does not shut down twice at exit."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm
+            gc.collect()

@@ -1,0 +1,108 @@
+"""Worker processes stopped mid-run: SIGTERM drains and commits; SIGKILL loses nothing.
+
+One scenario, three workers in one consumer group, so the engine starts only twice more:
+A is stopped with SIGTERM mid-run, B is killed with SIGKILL mid-run, C (in-process, on the
+shared engine) finishes. Every request must be answered; a request answered twice must
+have one answer from B (it was in flight, uncommitted, when B died); nothing A answered
+is answered again (A committed everything it finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+
+import pytest
+import yaml
+
+from schemas.codec import decode_reply
+from tests.kafka_helpers import read_topics
+from tests.worker_fixtures import (  # noqa: F401  (fixtures)
+    custom_topology, engine, publish, request, start_worker, tiny_model,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.engine]
+
+
+def spawn_worker(settings, topics_path, model, group, name, log_path):
+    env = {**os.environ, "TIERQ_GROUP_ID": group, "TIERQ_WORKER_ID": name, "TIERQ_DTYPE": "float32",
+           "TIERQ_MAX_MODEL_LEN": "512", "TIERQ_ENGINE_EXTRA": '{"enforce_eager": true}',
+           "TIERQ_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "worker", "--bootstrap", settings.bootstrap_servers,
+         "--topics", str(topics_path), "--model", model, "--max-num-seqs", "4"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    log.close()
+    return process
+
+
+def replies_by_id(settings, topology, expect, timeout=2.0):
+    messages = read_topics(settings.bootstrap_servers, [topology.reply_topic("acme")], expect=expect, timeout=timeout)
+    seen = defaultdict(list)
+    for msg in messages:
+        reply = decode_reply(msg.value())
+        seen[reply.request_id].append(reply.worker)
+    return seen
+
+
+async def wait_for_replies_from(settings, topology, worker_name, at_least, process, timeout=180):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        assert process.poll() is None, f"worker {worker_name} exited early with {process.returncode}"
+        seen = await asyncio.to_thread(replies_by_id, settings, topology, 10_000, 1.0)
+        if sum(worker_name in workers for workers in seen.values()) >= at_least:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"worker {worker_name} produced fewer than {at_least} replies in {timeout}s")
+
+
+async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology, start_worker, tiny_model, tmp_path):
+    topology = custom_topology(base_topology, settings, bands={"low": {"aging_step_s": None},
+                                                              "medium": {"aging_step_s": None}})
+    topics_path = tmp_path / "topics.yaml"
+    topics_path.write_text(yaml.safe_dump(topology.model_dump(mode="json")))
+    group = f"life-{uuid.uuid4().hex[:8]}"
+    ids = publish(settings, topology, [request(priority="low", max_tokens=96) for _ in range(600)])
+
+    a = spawn_worker(settings, topics_path, tiny_model, group, "A", tmp_path / "a.log")
+    try:
+        await wait_for_replies_from(settings, topology, "A", 20, a)
+        a.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(a.wait, 60) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        a.kill()
+    answered_by_a = {rid for rid, w in replies_by_id(settings, topology, len(ids)).items() if "A" in w}
+
+    b = spawn_worker(settings, topics_path, tiny_model, group, "B", tmp_path / "b.log")
+    try:
+        await wait_for_replies_from(settings, topology, "B", 20, b)
+        b.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(b.wait, 30)
+    finally:
+        b.kill()
+
+    start_worker(topology, group_id=group, worker_id="C")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 240
+    while loop.time() < end:
+        seen = await asyncio.to_thread(replies_by_id, settings, topology, 2 * len(ids), 2.0)
+        if len(seen) == len(ids):
+            break
+        await asyncio.sleep(1)
+
+    assert set(seen) == set(ids), f"{len(set(ids) - set(seen))} requests never answered"
+    assert any("C" in workers for workers in seen.values()), "B's kill should have left work for C"
+    for rid, workers in seen.items():
+        assert len(workers) <= 2, (rid, workers)
+        if len(workers) == 2:
+            assert "B" in workers, f"{rid} answered twice without a crash in between: {workers}"
+        if rid in answered_by_a:
+            assert workers == ["A"], f"{rid} was answered by A (committed) and again by {workers}"
