@@ -86,3 +86,22 @@ async def test_bad_input_gets_a_reply_or_a_dlq_record_and_serving_goes_on(settin
         assert headers["tierq.source_topic"] == low_topic.encode() and "tierq.reason" in headers
         assert int(headers["tierq.source_offset"]) >= 0
     assert worker.fatal is None
+
+
+async def test_request_at_its_attempt_limit_is_answered_with_engine_error(settings, base_topology, start_worker):
+    """Counts written by earlier (crashed) workers are read back from the compacted attempts topic."""
+    from prometheus_client import REGISTRY
+
+    topology = custom_topology(base_topology, settings)
+    raw = confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers})
+    raw.produce(topology.attempts.topic, key=b"poison-1", value=orjson.dumps({"attempts": 3}))
+    raw.flush(10)
+    start_worker(topology, max_attempts=3)
+    ids = publish(settings, topology, [request(request_id="poison-1"), request()])
+    replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=2)}
+    assert replies["poison-1"].error.code is ErrorCode.engine_error
+    assert "3 engine attempts" in replies["poison-1"].error.message
+    assert replies[ids[1]].status is Status.ok and replies[ids[1]].attempt == 1
+    ok_low = REGISTRY.get_sample_value("tierq_replies_total", {"band": "low", "status": "ok", "tenant": "acme"})
+    assert ok_low is not None and ok_low >= 1
+    assert REGISTRY.get_sample_value("tierq_queue_seconds_count", {"band": "low"}) >= 1
