@@ -134,7 +134,10 @@ class Usage(_Strict):
 
 
 class Timing(_Strict):
+    """When the request was published, fetched by a worker, admitted to the engine, ..."""
+
     submitted_at: AwareDatetime | None = None
+    received_at: AwareDatetime | None = None
     dequeued_at: AwareDatetime | None = None
     first_token_at: AwareDatetime | None = None
     finished_at: AwareDatetime | None = None

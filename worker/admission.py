@@ -153,6 +153,13 @@ class AdmissionPolicy:
             self.waiting = [item for item in self.waiting if not predicate(item)]
         return removed
 
+    def waiting_by(self, key: Any) -> dict[Any, int]:
+        """Waiting requests counted by ``key(item)`` (e.g. source partition)."""
+        counts: dict[Any, int] = defaultdict(int)
+        for item in self.waiting:
+            counts[key(item)] += 1
+        return counts
+
     def waiting_by_band(self) -> dict[Band, int]:
         counts = {band: 0 for band in BAND_ORDER}
         for item in self.waiting:

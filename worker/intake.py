@@ -1,8 +1,11 @@
 """Kafka intake: one consumer on the pool's three band topics, with pause/resume backpressure.
 
-Work stays in Kafka until this worker has room for it: when a band's local buffer is
-full, that band's partitions are paused (``poll`` keeps running so the group does not
-rebalance us out), and resumed once the buffer is half empty.
+Work stays in Kafka until this worker has room for it: when a partition has
+``prefetch`` requests buffered, that partition alone is paused (``poll`` keeps running
+so the group does not rebalance us out) and resumed once half of them are admitted.
+Pausing per partition rather than per band matters for fairness: requests are keyed by
+tenant, so a tenant flooding its partition cannot stop another tenant's partition from
+being read.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Intake:
     ):
         self.topic_band = {topic: band for band, topic in band_topics.items()}
         self.assigned: set[PartitionKey] = set()
-        self.paused: set[Band] = set()
+        self.paused: set[PartitionKey] = set()
         self._on_revoked = on_revoked
         self._consumer = confluent_kafka.Consumer(settings.librdkafka(
             "worker",
@@ -61,9 +64,6 @@ class Intake:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self.assigned.update(keys)
         log.info("partitions_assigned", partitions=sorted(keys))
-        paused = [tp for tp in partitions if self.topic_band[tp.topic] in self.paused]
-        if paused:
-            consumer.pause(paused)
 
     def _revoked(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         self._release(partitions, lost=False)
@@ -77,6 +77,7 @@ class Intake:
         if self._on_revoked is not None:
             self._on_revoked(keys, lost)
         self.assigned.difference_update(keys)
+        self.paused.difference_update(keys)
 
     def poll(self, max_messages: int = 64) -> list[confluent_kafka.Message]:
         """Non-blocking: whatever is already fetched, and rebalance callbacks."""
@@ -92,23 +93,27 @@ class Intake:
                 log.warning("consumer_error", error=error.str())
         return good
 
-    def apply_backpressure(self, waiting: dict[Band, int], limit: int) -> None:
-        for band, count in waiting.items():
-            if band not in self.paused and count >= limit:
-                self._set_paused(band, True)
-            elif band in self.paused and count <= limit // 2:
-                self._set_paused(band, False)
+    def apply_backpressure(self, waiting: dict[PartitionKey, int], limit: int) -> None:
+        """Pause partitions holding ``limit`` buffered requests; resume them at half."""
+        pause, resume = [], []
+        for tp in self.assigned:
+            count = waiting.get(tp, 0)
+            if tp not in self.paused and count >= limit:
+                pause.append(tp)
+            elif tp in self.paused and count <= limit // 2:
+                resume.append(tp)
+        if pause:
+            self.paused.update(pause)
+            self._consumer.pause([TopicPartition(t, p) for t, p in pause])
+        if resume:
+            self.paused.difference_update(resume)
+            self._consumer.resume([TopicPartition(t, p) for t, p in resume])
 
-    def _set_paused(self, band: Band, paused: bool) -> None:
-        partitions = [TopicPartition(t, p) for t, p in self.assigned if self.topic_band[t] is band]
-        if paused:
-            self.paused.add(band)
-            if partitions:
-                self._consumer.pause(partitions)
-        else:
-            self.paused.discard(band)
-            if partitions:
-                self._consumer.resume(partitions)
+    def paused_by_band(self) -> dict[Band, int]:
+        counts = {band: 0 for band in self.topic_band.values()}
+        for topic, _partition in self.paused:
+            counts[self.topic_band[topic]] += 1
+        return counts
 
     def commit(self, offsets: dict[PartitionKey, int], *, asynchronous: bool = True) -> None:
         owned = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned]

@@ -7,7 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 waiting = Gauge("tierq_waiting_requests", "Requests buffered in the worker, by band", ["band"])
-paused = Gauge("tierq_band_paused", "1 while the band's partitions are paused (buffer full)", ["band"])
+paused = Gauge("tierq_paused_partitions", "source partitions paused because their buffer is full", ["band"])
 slots_in_use = Gauge("tierq_engine_slots_in_use", "Requests admitted to the engine and not finished")
 admitted = Counter("tierq_admitted_total", "Requests admitted to the engine", ["band", "served_as", "tenant"])
 promotions = Counter("tierq_aging_promotions_total", "Requests admitted above their band by aging", ["band"])

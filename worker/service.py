@@ -11,7 +11,8 @@ import asyncio
 import re
 import time
 from datetime import datetime
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import confluent_kafka
 import structlog
@@ -36,6 +37,21 @@ COMMIT_INTERVAL_S = 0.2
 
 def _ms(start: datetime | None, end: datetime | None) -> float | None:
     return None if start is None or end is None else round((end - start).total_seconds() * 1000, 3)
+
+
+class Buffered(NamedTuple):
+    """What the worker keeps with a buffered request (``Pending.payload``)."""
+
+    request: Request
+    prompt_ids: list[int]
+    tp: PartitionKey
+    offset: int
+    done: Callable[[], None]
+    received_at: datetime
+
+
+def _source_partition(item: Pending) -> PartitionKey:
+    return item.payload.tp
 
 
 class Worker:
@@ -99,7 +115,7 @@ class Worker:
                     now = time.time()
                     self._expire(now)
                     self._admit(now)
-                    self.intake.apply_backpressure(self.policy.waiting_by_band(), self.settings.prefetch)
+                    self.intake.apply_backpressure(self.policy.waiting_by(_source_partition), self.settings.prefetch)
                 else:
                     self.intake.poll(0)  # keep the group membership alive while draining
                 self.attempts.poll()
@@ -144,6 +160,7 @@ class Worker:
     # ---- intake ----------------------------------------------------------------------
 
     def _accept(self, msg: confluent_kafka.Message) -> None:
+        received_at = utc_now()
         source = (msg.topic(), msg.partition(), msg.offset())
         tp = (msg.topic(), msg.partition())
         self.tracker.received(tp, msg.offset())
@@ -165,7 +182,7 @@ class Worker:
             self._reply_error(request.request_id, request.tenant_id, request.metadata, band, problem, done,
                               submitted_at=request.submitted_at)
             return
-        self._buffer(request, band, tp, msg.offset(), done)
+        self._buffer(request, band, tp, msg.offset(), done, received_at)
 
     def _marker(self, tp: PartitionKey, offset: int) -> Any:
         return lambda: self.tracker.done(tp, offset)
@@ -200,7 +217,8 @@ class Worker:
                     f"request abandoned after {attempts} engine attempts (it may crash the engine)")
         return None
 
-    def _buffer(self, request: Request, band: Band, tp: PartitionKey, offset: int, done: Any) -> None:
+    def _buffer(self, request: Request, band: Band, tp: PartitionKey, offset: int, done: Any,
+                received_at: datetime) -> None:
         try:
             prompt_ids = self.engine.render(request)
             self.engine.check_length(len(prompt_ids), request.params.max_tokens)
@@ -212,12 +230,12 @@ class Worker:
         self.policy.add(Pending(
             request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
             cost=len(prompt_ids) + request.params.max_tokens, deadline_ts=deadline,
-            payload=(request, prompt_ids, tp, offset, done),
+            payload=Buffered(request, prompt_ids, tp, offset, done, received_at),
         ))
 
     def _expire(self, now: float) -> None:
         for item in self.policy.take_expired(now):
-            request, _ids, _tp, _offset, done = item.payload
+            request, done = item.payload.request, item.payload.done
             reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band,
                                 Status.expired, error=ErrorInfo(code=ErrorCode.deadline_exceeded,
                                 message=f"deadline {request.deadline.isoformat()} passed before admission"),
@@ -228,7 +246,7 @@ class Worker:
 
     def _admit(self, now: float) -> None:
         while (item := self.policy.next(now)) is not None:
-            _request, _ids, tp, _offset, _done = item.payload
+            tp = item.payload.tp
             task = asyncio.get_running_loop().create_task(self._serve(item))
             tasks = self.tasks_by_partition.setdefault(tp, set())
             tasks.add(task)
@@ -239,7 +257,7 @@ class Worker:
                 metrics.promotions.labels(item.band.value).inc()
 
     async def _serve(self, item: Pending) -> None:
-        request, prompt_ids, _tp, _offset, done = item.payload
+        request, prompt_ids, _tp, _offset, done, received_at = item.payload
         served_as = item.served_as or item.band
         dequeued_at = utc_now()
         try:
@@ -248,20 +266,20 @@ class Worker:
         except RequestRejected as exc:
             reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band, Status.error,
                                 error=ErrorInfo(code=exc.code, message=exc.message), served_as=served_as,
-                                timing=Timing(submitted_at=request.submitted_at, dequeued_at=dequeued_at,
-                                              finished_at=utc_now()))
+                                timing=Timing(submitted_at=request.submitted_at, received_at=received_at,
+                                              dequeued_at=dequeued_at, finished_at=utc_now()))
         except EngineRequestError as exc:
             log.error("engine_request_failed", request_id=request.request_id, tenant=request.tenant_id, error=str(exc))
             reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band, Status.error,
                                 error=ErrorInfo(code=ErrorCode.engine_error, message=str(exc)), served_as=served_as,
-                                timing=Timing(submitted_at=request.submitted_at, dequeued_at=dequeued_at,
-                                              finished_at=utc_now()))
+                                timing=Timing(submitted_at=request.submitted_at, received_at=received_at,
+                                              dequeued_at=dequeued_at, finished_at=utc_now()))
         except EngineDead as exc:
             self.fatal = f"engine died: {exc}"
             return
         else:
             timing = Timing(
-                submitted_at=request.submitted_at, dequeued_at=dequeued_at,
+                submitted_at=request.submitted_at, received_at=received_at, dequeued_at=dequeued_at,
                 first_token_at=completion.first_token_at, finished_at=completion.finished_at,
                 queue_ms=_ms(request.submitted_at, dequeued_at), ttft_ms=_ms(dequeued_at, completion.first_token_at),
                 e2e_ms=_ms(request.submitted_at, completion.finished_at),
@@ -334,7 +352,7 @@ class Worker:
         for tp in partitions:
             for task in self.tasks_by_partition.pop(tp, set()):
                 task.cancel()
-        self.policy.remove_where(lambda item: item.payload[2] in revoked)
+        self.policy.remove_where(lambda item: item.payload.tp in revoked)
         if not lost:
             self.writer.flush(5)
             self.intake.commit({tp: o for tp, o in self.tracker.committable().items() if tp in revoked},
@@ -345,5 +363,6 @@ class Worker:
     def _update_gauges(self) -> None:
         for band, count in self.policy.waiting_by_band().items():
             metrics.waiting.labels(band.value).set(count)
-            metrics.paused.labels(band.value).set(1 if band in self.intake.paused else 0)
+        for band, count in self.intake.paused_by_band().items():
+            metrics.paused.labels(band.value).set(count)
         metrics.slots_in_use.set(self.policy.in_flight)

@@ -30,7 +30,8 @@ class WorkerSettings(Settings):
     tensor_parallel_size: int = Field(default=1, ge=1)
     engine_extra: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine args, as JSON")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}/cpu")
-    prefetch_per_band: int | None = Field(default=None, ge=1, description="buffered requests per band (default 2x slots)")
+    prefetch_per_partition: int | None = Field(
+        default=None, ge=1, description="buffered requests per source partition (default: slots + engine_queue)")
     max_attempts: int = Field(default=3, ge=1, description="engine attempts before a request is dead-lettered")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace period for in-flight requests")
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
@@ -39,7 +40,7 @@ class WorkerSettings(Settings):
 
     @property
     def prefetch(self) -> int:
-        return self.prefetch_per_band or 2 * self.max_num_seqs
+        return self.prefetch_per_partition or self.max_num_seqs + self.engine_queue
 
     def model_dir_default(self) -> Path:
         return self.state_dir / "tiny-model"
