@@ -20,7 +20,7 @@ from producer.collector import ResultCollector
 from schemas.messages import Request, utc_now
 from schemas.topology import load_topology
 from worker.engine import Engine, EngineConfig
-from worker.logs import configure
+from schemas.logs import configure
 from worker.service import Worker
 from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
@@ -54,7 +54,7 @@ async def through_kafka(settings: WorkerSettings, topology, engine: Engine, docs
     while not worker.intake.assigned:
         await asyncio.sleep(0.05)
     start = time.perf_counter()
-    with Producer(settings, topology) as producer:
+    with Producer(settings, topology, on_quota="off") as producer:
         for doc in docs:
             producer.submit(doc)
 

@@ -33,29 +33,49 @@ def is_openai_batch_line(document: dict[str, Any]) -> bool:
 def from_openai_batch_line(document: dict[str, Any]) -> dict[str, Any]:
     """Translate one OpenAI batch line into a tierq request document (tenant/priority unset)."""
     url = document.get("url")
-    if url not in OPENAI_URLS:
-        raise InvalidMessage(f"url: {url!r} is not supported; use one of {', '.join(OPENAI_URLS)}")
     if document.get("method", "POST") != "POST":
         raise InvalidMessage(f"method: {document.get('method')!r} is not supported; use POST")
     body = document["body"]
+    if isinstance(body, dict) and body.get("stream", False):
+        raise InvalidMessage("body.stream: not supported in batch files")
+    doc = from_openai_body(url, body)
+    doc["metadata"]["custom_id"] = document["custom_id"]
+    return doc
+
+
+def from_openai_body(url: Any, body: Any, *, extra_fields: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """An OpenAI completions/chat-completions body as a tierq request document.
+
+    ``priority`` (a tierq extension) is passed through; fields in ``extra_fields`` are
+    accepted and left to the caller; anything else unknown is an error.
+    """
+    if url not in OPENAI_URLS:
+        raise InvalidMessage(f"url: {url!r} is not supported; use one of {', '.join(OPENAI_URLS)}")
     if not isinstance(body, dict):
         raise InvalidMessage("body: expected a JSON object")
-    if body.get("n", 1) != 1 or body.get("stream", False):
-        raise InvalidMessage("body: n > 1 and stream are not supported in batch files")
-    unknown = set(body) - set(OPENAI_PARAMS) - OPENAI_PASSIVE - {"prompt", "messages"}
-    if unknown:
-        raise InvalidMessage(f"body: unsupported field(s) {', '.join(sorted(unknown))}")
+    if body.get("n", 1) not in (1, None):
+        raise InvalidMessage("body.n: only n = 1 is supported")
     field = OPENAI_URLS[url]
+    unknown = set(body) - set(OPENAI_PARAMS) - OPENAI_PASSIVE - extra_fields - {field, "priority"}
+    if unknown:
+        raise InvalidMessage(f"body: unsupported field(s) {', '.join(sorted(unknown))} for {url}")
     if field not in body:
         raise InvalidMessage(f"body.{field}: required for {url}")
+    value = body[field]
+    if field == "prompt" and isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise InvalidMessage("body.prompt: one prompt string per request (lists of prompts are not supported)")
+        value = value[0]
     params: dict[str, Any] = {}
     for name, target in OPENAI_PARAMS.items():
         if name in body and body[name] is not None:
             params[target] = [body[name]] if name == "stop" and isinstance(body[name], str) else body[name]
-    metadata: dict[str, Any] = {"custom_id": document["custom_id"]}
-    if "model" in body:
-        metadata["model"] = body["model"]
-    return {field: body[field], "params": params, "metadata": metadata}
+    doc: dict[str, Any] = {field: value, "params": params, "metadata": {}}
+    if body.get("model") is not None:
+        doc["metadata"]["model"] = body["model"]
+    if body.get("priority") is not None:
+        doc["priority"] = body["priority"]
+    return doc
 
 
 def to_request_document(

@@ -20,11 +20,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["bootstrap_servers"] = args.bootstrap
     if getattr(args, "topics", None):
         overrides["topics_file"] = args.topics
+    if getattr(args, "tenants_file", None):
+        overrides["tenants_file"] = args.tenants_file
     return Settings(**overrides)
 
 
 def _topology(settings: Settings) -> Topology:
-    return load_topology(settings.topics_file)
+    return settings.load_topology()
 
 
 def _interrupt(*_: object) -> None:
@@ -74,7 +76,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             errors_out.write(dumps(rejection.__dict__) + b"\n")
 
     try:
-        producer = Producer(settings, _topology(settings))
+        producer = Producer(settings, _topology(settings), on_quota=args.quota)
         report = submit_file(producer, args.file, tenant=args.tenant, priority=args.priority,
                              on_reject=on_reject, progress=None if not args.no_progress else False)
     finally:
@@ -113,6 +115,66 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tenant_config(args: argparse.Namespace) -> Any:
+    from schemas.topology import Quotas, TenantConfig
+
+    quotas = Quotas(requests_per_s=args.requests_per_s, tokens_per_min=args.tokens_per_min,
+                    max_in_flight=args.max_in_flight, max_tokens=args.max_tokens)
+    return TenantConfig(pool=args.pool, max_priority=args.max_priority,
+                        on_priority_above_max=args.on_priority_above_max, quotas=quotas)
+
+
+def _print_key(tenant_id: str, key: str, settings: Settings) -> None:
+    print(key)
+    print(f"tierq: API key for tenant {tenant_id!r} printed above; it is shown only this once "
+          f"(stored as a SHA-256 hash in {settings.tenants_file})", file=sys.stderr)
+
+
+def cmd_tenant_add(args: argparse.Namespace) -> int:
+    from schemas.tenants import add_tenant
+
+    settings = _settings(args)
+    key = add_tenant(settings.topics_file, settings.tenants_file, args.tenant_id, _tenant_config(args))
+    _print_key(args.tenant_id, key, settings)
+    print("tierq: run `tierq topics create` to create its reply topic; running gateways and workers "
+          "pick the tenant up within seconds", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tenant_rotate_key(args: argparse.Namespace) -> int:
+    from schemas.tenants import rotate_key
+
+    settings = _settings(args)
+    key = rotate_key(settings.topics_file, settings.tenants_file, args.tenant_id, keep_old=args.keep_old)
+    _print_key(args.tenant_id, key, settings)
+    if not args.keep_old:
+        print("tierq: earlier keys of this tenant are revoked", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tenant_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    for tenant_id, cfg in _topology(settings).tenants.items():
+        q = cfg.quotas
+        print(f"{tenant_id:20} pool={cfg.pool} max_priority={cfg.max_priority.value} keys={len(cfg.api_key_hashes)} "
+              f"rps={q.requests_per_s} tpm={q.tokens_per_min} in_flight={q.max_in_flight} max_tokens={q.max_tokens}")
+    return EXIT_OK
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from producer.gateway.app import run_gateway
+    from producer.gateway.settings import GatewaySettings
+    from schemas.logs import configure
+
+    configure()
+    overrides: dict[str, Any] = {}
+    for arg, field in (("bootstrap", "bootstrap_servers"), ("topics", "topics_file"),
+                       ("tenants_file", "tenants_file"), ("host", "gateway_host"), ("port", "gateway_port")):
+        if getattr(args, arg, None) is not None:
+            overrides[field] = getattr(args, arg)
+    return run_gateway(GatewaySettings(**overrides))
+
+
 def cmd_schema_export(args: argparse.Namespace) -> int:
     from schemas.export import export_json_schemas
 
@@ -125,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--bootstrap", help="Kafka bootstrap servers (env TIERQ_BOOTSTRAP_SERVERS)")
     common.add_argument("--topics", type=Path, help="topology file (env TIERQ_TOPICS_FILE; default ./topics.yaml)")
+    common.add_argument("--tenants-file", type=Path,
+                        help="tenants file (env TIERQ_TENANTS_FILE; default ./tenants.yaml, read if present)")
 
     parser = argparse.ArgumentParser(prog="tierq", description="Priority-scheduled LLM inference over Kafka.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tenant", help="override each line's tenant_id (required for OpenAI batch lines)")
     submit.add_argument("--errors", type=Path, help="also write rejected lines as JSONL here")
     submit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    submit.add_argument("--quota", choices=["wait", "raise", "off"], default="wait",
+                        help="tenant quotas: wait until a line fits (default), reject it, or do not check")
     submit.set_defaults(func=cmd_submit)
 
     results = commands.add_parser("results", parents=[common], help="write a tenant's replies as JSONL")
@@ -153,6 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--expect", type=int, help="stop after N distinct replies")
     results.add_argument("--timeout", type=float, help="give up after S seconds")
     results.set_defaults(func=cmd_results)
+
+    tenant = commands.add_parser("tenant", help="tenants and API keys").add_subparsers(dest="action", required=True)
+    add = tenant.add_parser("add", parents=[common], help="add a tenant to the tenants file and print its API key once")
+    add.add_argument("tenant_id")
+    add.add_argument("--pool", default="default")
+    add.add_argument("--max-priority", choices=["high", "medium", "low"], default="medium")
+    add.add_argument("--on-priority-above-max", choices=["reject", "lower"], default="reject")
+    add.add_argument("--requests-per-s", type=float)
+    add.add_argument("--tokens-per-min", type=int)
+    add.add_argument("--max-in-flight", type=int)
+    add.add_argument("--max-tokens", type=int)
+    add.set_defaults(func=cmd_tenant_add)
+    rotate = tenant.add_parser("rotate-key", parents=[common], help="print a new API key once; revoke the old ones")
+    rotate.add_argument("tenant_id")
+    rotate.add_argument("--keep-old", action="store_true", help="keep the earlier keys valid (overlap while rolling)")
+    rotate.set_defaults(func=cmd_tenant_rotate_key)
+    tenant.add_parser("list", parents=[common], help="list tenants, pools and quotas (never keys)").set_defaults(
+        func=cmd_tenant_list)
+
+    gateway = commands.add_parser("gateway", parents=[common],
+                                  help="OpenAI-compatible HTTP gateway: API keys, quotas, priorities, batches")
+    gateway.add_argument("--host", help="listen address (env TIERQ_GATEWAY_HOST; default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="listen port (env TIERQ_GATEWAY_PORT; default 8080)")
+    gateway.set_defaults(func=cmd_gateway)
 
     schema = commands.add_parser("schema", help="message schemas").add_subparsers(dest="action", required=True)
     export = schema.add_parser("export", help="write JSON Schema files for the request and reply messages")

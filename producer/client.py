@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
 import confluent_kafka
+
+from producer.quota import QuotaExceeded, QuotaLimiter
 
 from schemas.codec import InvalidMessage, MessageError, encode, validate_request
 from schemas.messages import ErrorCode, Request, utc_now
@@ -112,11 +114,23 @@ class DeliveryFuture:
         return Delivery(self.request_id, msg.topic(), msg.partition(), msg.offset())
 
 
-class Producer:
-    """Validates requests and publishes them to ``tierq.<pool>.<band>`` keyed by tenant."""
+QuotaMode = Literal["raise", "wait", "off"]
 
-    def __init__(self, settings: Settings, topology: Topology, **config_overrides: Any):
+
+class Producer:
+    """Validates requests and publishes them to ``tierq.<pool>.<band>`` keyed by tenant.
+
+    Tenant quotas (requests/s, tokens/min) are enforced here, per process: ``on_quota``
+    ``"raise"`` refuses a request over quota with ``QuotaExceeded`` (it has a
+    ``retry_after``), ``"wait"`` sleeps until it fits (batch submission), ``"off"`` skips
+    the check (trusted internal pipelines).
+    """
+
+    def __init__(self, settings: Settings, topology: Topology, *, on_quota: QuotaMode = "raise",
+                 **config_overrides: Any):
         self.topology = topology
+        self.on_quota = on_quota
+        self.quotas = QuotaLimiter(topology) if on_quota != "off" else None
         conf = settings.librdkafka("producer", **PRODUCER_DEFAULTS)
         conf.update(config_overrides)
         self._producer = confluent_kafka.Producer(conf)
@@ -125,11 +139,17 @@ class Producer:
             (pool, band): topic for pool in topology.pools for band, topic in topology.pool_topics(pool).items()
         }
 
+    def update_tenants(self, topology: Topology) -> None:
+        """Adopt a topology whose tenants changed (pools and topics must be the same)."""
+        self.topology = topology
+        if self.quotas is not None:
+            self.quotas.update(topology)
+
     def prepare(self, document: Mapping[str, Any]) -> Request:
         """Fill request_id, submitted_at and pool, validate, and check the tenant's rights.
 
         Raises ``MessageError`` with a stable code (``invalid_request``, ``unknown_tenant``,
-        ``forbidden_priority``, ...) and a message that says what to change.
+        ``forbidden_priority``, ``quota_exceeded``, ...) and a message that says what to change.
         """
         doc = dict(document)
         doc.setdefault("request_id", new_request_id())
@@ -141,7 +161,21 @@ class Producer:
         request = validate_request(doc)
         if tenant is None:
             raise MessageError(f"unknown tenant {request.tenant_id!r}", code=ErrorCode.unknown_tenant)
-        return self._authorize(request, tenant)
+        request = self._authorize(request, tenant)
+        self._charge(request)
+        return request
+
+    def _charge(self, request: Request) -> None:
+        if self.quotas is None:
+            return
+        while True:
+            try:
+                self.quotas.charge(request)
+                return
+            except QuotaExceeded as exc:
+                if self.on_quota != "wait":
+                    raise
+                self._producer.poll(min(exc.retry_after, 1.0))  # serve delivery callbacks meanwhile
 
     def _authorize(self, request: Request, tenant: TenantConfig) -> Request:
         if request.pool not in self.topology.pools:

@@ -62,12 +62,21 @@ class Settings(BaseSettings):
 
     bootstrap_servers: str | None = Field(default=None, description="Kafka bootstrap servers, host:port[,host:port]")
     topics_file: Path = Field(default=Path("topics.yaml"), description="Topology file")
+    tenants_file: Path = Field(
+        default=Path("tenants.yaml"), description="Tenants and API key hashes written by `tierq tenant` (read if present)"
+    )
     client_id: str = Field(default="tierq", description="Kafka client.id prefix")
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
     kafka_extra: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka properties, as JSON: TIERQ_KAFKA_EXTRA='{\"k\": \"v\"}'"
     )
     state_dir: Path = Field(default=Path(".tierq"), description="Local state: generated test model, broker logs")
+
+    def load_topology(self) -> Any:
+        """topics.yaml plus the tenants file, validated (``schemas.topology.Topology``)."""
+        from schemas.topology import load_topology
+
+        return load_topology(self.topics_file, self.tenants_file)
 
     def require_bootstrap(self) -> str:
         if not self.bootstrap_servers:

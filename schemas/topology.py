@@ -64,11 +64,14 @@ class Quotas(_Config):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
+ApiKeyHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
 class TenantConfig(_Config):
     pool: PoolName = "default"
     max_priority: Band = Band.high
     on_priority_above_max: Literal["reject", "lower"] = "reject"
-    api_key_hashes: list[str] = Field(default_factory=list)
+    api_key_hashes: list[ApiKeyHash] = Field(default_factory=list)
     quotas: Quotas = Field(default_factory=Quotas)
 
 
@@ -163,10 +166,11 @@ def is_valid_topic_name(name: str) -> bool:
     return 0 < len(name) <= 249 and name not in (".", "..") and set(name) <= _TOPIC_CHARS
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per error, ``dotted.key: message``."""
     lines = []
     for err in exc.errors(include_url=False, include_context=False):
-        where = ".".join(str(p) for p in err["loc"])
+        where = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {msg}" if where else msg)
     return "\n  ".join(lines)
@@ -178,11 +182,14 @@ def parse_topology(document: object, source: str = "<topology>") -> Topology:
     try:
         return Topology.model_validate(document)
     except ValidationError as exc:
-        raise TopologyError(f"{source}: invalid topology:\n  {_describe(exc)}") from None
+        raise TopologyError(f"{source}: invalid topology:\n  {describe_validation_error(exc)}") from None
 
 
-def load_topology(path: str | Path) -> Topology:
-    """Read and validate a topics.yaml file; raise ``TopologyError`` naming file and key."""
+def load_topology(path: str | Path, tenants_file: str | Path | None = None) -> Topology:
+    """Read and validate a topics.yaml file (plus a tenants file, if it exists).
+
+    Raises ``TopologyError`` naming the file and the key.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -194,4 +201,9 @@ def load_topology(path: str | Path) -> Topology:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TopologyError(f"{path}: not valid YAML: {exc}") from None
-    return parse_topology(document, str(path))
+    topology = parse_topology(document, str(path))
+    if tenants_file is None:
+        return topology
+    from schemas.tenants import with_tenants_file
+
+    return with_tenants_file(topology, tenants_file)

@@ -12,7 +12,8 @@ def _worker_settings(args: argparse.Namespace) -> Any:
     from worker.settings import WorkerSettings
 
     overrides: dict[str, Any] = {}
-    for arg, field in (("bootstrap", "bootstrap_servers"), ("topics", "topics_file"), ("pool", "pool"),
+    for arg, field in (("bootstrap", "bootstrap_servers"), ("topics", "topics_file"), ("tenants_file", "tenants_file"),
+                       ("pool", "pool"),
                        ("model", "model"), ("max_num_seqs", "max_num_seqs"), ("metrics_port", "metrics_port")):
         value = getattr(args, arg, None)
         if value is not None:
@@ -23,15 +24,14 @@ def _worker_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from schemas.topology import load_topology
     from worker.engine import EngineStartError
-    from worker.logs import configure
+    from schemas.logs import configure
     from worker.runner import run_worker
 
     configure()
     settings = _worker_settings(args)
     try:
-        return run_worker(settings, load_topology(settings.topics_file))
+        return run_worker(settings, settings.load_topology())
     except EngineStartError as exc:
         print(f"tierq: error: {exc}", file=sys.stderr)
         return 3

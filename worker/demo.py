@@ -19,7 +19,7 @@ from schemas.codec import encode
 from schemas.messages import BAND_ORDER, Reply
 from schemas.topology import Topology, load_topology
 from worker.engine import Engine
-from worker.logs import configure
+from schemas.logs import configure
 from worker.runner import engine_config, local_broker_if_needed
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -70,7 +70,7 @@ async def _run(settings: WorkerSettings, topology: Topology, engine: Engine, doc
             return []
         await asyncio.sleep(0.05)
     started = time.monotonic()
-    with Producer(settings, topology) as producer:
+    with Producer(settings, topology, on_quota="wait") as producer:
         for doc in docs:
             producer.submit(doc)
     expected: dict[str, int] = {}
@@ -93,7 +93,7 @@ async def _run(settings: WorkerSettings, topology: Topology, engine: Engine, doc
 
 def run_demo(settings: WorkerSettings, *, low: int, medium: int, high: int, out: Path | None = None) -> int:
     configure(level="WARNING")
-    topology = load_topology(settings.topics_file)
+    topology = settings.load_topology()
     docs = workload(topology, low, medium, high)
     with local_broker_if_needed(settings, topology) as local:
         print(f"tierq demo: broker {local.bootstrap_servers}; starting the engine (about 20-40 s on a CPU)...")

@@ -11,6 +11,7 @@ import structlog
 
 from producer.admin import create_topics
 from producer.broker import EmbeddedBroker
+from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
 from worker.service import Worker
@@ -53,7 +54,9 @@ def engine_config(settings: WorkerSettings, topology: Topology) -> EngineConfig:
 
 
 async def serve(settings: WorkerSettings, topology: Topology, engine: Engine) -> int:
-    worker = Worker(settings, topology, engine)
+    reloader = TenantsReloader(settings.topics_file, settings.tenants_file,
+                               on_error=lambda problem: log.error("tenants_reload_failed", problem=problem))
+    worker = Worker(settings, topology, engine, reloader=reloader)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.request_stop)

@@ -19,6 +19,7 @@ import structlog
 
 from schemas.codec import InvalidMessage, MalformedMessage, decode_request
 from schemas.messages import REQUEST_ID_PATTERN, Band, ErrorCode, ErrorInfo, Reply, Request, Status, Timing, Usage, utc_now
+from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
 from worker.admission import AdmissionPolicy, Pending, band_rules
@@ -57,7 +58,8 @@ def _source_partition(item: Pending) -> PartitionKey:
 class Worker:
     """One worker process: drains one pool into one engine."""
 
-    def __init__(self, settings: WorkerSettings, topology: Topology, engine: Engine):
+    def __init__(self, settings: WorkerSettings, topology: Topology, engine: Engine,
+                 reloader: TenantsReloader | None = None):
         if settings.pool not in topology.pools:
             raise ValueError(f"unknown pool {settings.pool!r} (pools: {', '.join(topology.pools)})")
         self.settings = settings
@@ -70,6 +72,7 @@ class Worker:
             tenant_caps={t: c.quotas.max_in_flight for t, c in topology.tenants.items()},
             aging=settings.aging,
         )
+        self.reloader = reloader
         self.tracker = OffsetTracker()
         self.writer = ReplyWriter(settings, topology.dlq.topic, topology.attempts.topic)
         self.attempts = AttemptsLedger(settings, topology.attempts.topic)
@@ -118,6 +121,7 @@ class Worker:
                     self.intake.apply_backpressure(self.policy.waiting_by(_source_partition), self.settings.prefetch)
                 else:
                     self.intake.poll(0)  # keep the group membership alive while draining
+                self._reload_tenants()
                 self.attempts.poll()
                 self.writer.poll()
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
@@ -156,6 +160,13 @@ class Worker:
         self.intake.close()
         self.attempts.close()
         log.info("worker_stopped", served=self.served, fatal=self.fatal)
+
+    def _reload_tenants(self) -> None:
+        if self.reloader is None or (topology := self.reloader.reload(self.topology)) is None:
+            return
+        self.topology = topology
+        self.policy.tenant_caps = {t: c.quotas.max_in_flight for t, c in topology.tenants.items()}
+        log.info("tenants_reloaded", tenants=sorted(topology.tenants))
 
     # ---- intake ----------------------------------------------------------------------
 

@@ -1,0 +1,257 @@
+"""The gateway's Kafka side: publish requests, read every reply topic, hand replies to waiters.
+
+One reply consumer per gateway instance reads all tenants' reply topics with manual
+assignment (no consumer group, nothing committed), so any number of instances can run
+side by side; each one correlates the replies of its own requests by request_id. Read
+from the beginning (the default), the reply topics also rebuild the results index and
+batch progress after a restart.
+
+All Kafka callbacks are handed to the asyncio loop, so the gateway's state is touched by
+one thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import confluent_kafka
+import structlog
+from confluent_kafka import TopicPartition
+
+from producer.client import DeliveryError, DeliveryFuture, Producer
+from schemas.codec import MessageError, decode_reply
+from schemas.messages import Reply, Request
+from schemas.topology import Topology
+
+log = structlog.get_logger("tierq.gateway")
+
+#: How long the gateway waits for the broker to acknowledge a request before answering 503.
+PUBLISH_TIMEOUT_MS = 30_000
+
+
+class ReplyListener(threading.Thread):
+    """Reads reply topics in its own thread and passes each decoded reply to ``on_reply``."""
+
+    def __init__(self, settings: Any, topics: list[str], on_reply: Callable[[Reply], None], from_beginning: bool):
+        super().__init__(name="tierq-reply-listener", daemon=True)
+        self._consumer = confluent_kafka.Consumer(settings.librdkafka("gateway-replies", **{
+            "group.id": f"tierq-gateway-{uuid.uuid4().hex}",  # required by librdkafka; never joined or committed
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 20,
+        }))
+        self._start_offset = confluent_kafka.OFFSET_BEGINNING if from_beginning else confluent_kafka.OFFSET_END
+        self._on_reply = on_reply
+        self._requests: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+        self._requests.put(topics)
+        self._assigned: set[str] = set()
+        self._not_at_end: set[tuple[str, int]] = set()
+        self._stopping = threading.Event()
+        self.assigned = threading.Event()
+        self.caught_up = threading.Event()
+        self.error: str | None = None
+
+    def add_topics(self, topics: list[str]) -> None:
+        self._requests.put(topics)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._assign_pending()
+                msg = self._consumer.poll(0.1)
+                if msg is None:
+                    continue
+                error = msg.error()
+                if error is not None:
+                    if error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
+                        self._not_at_end.discard((msg.topic(), msg.partition()))
+                        if not self._not_at_end:
+                            self.caught_up.set()
+                    elif error.fatal():
+                        raise confluent_kafka.KafkaException(error)
+                    else:
+                        log.warning("reply_consumer_error", error=error.str())
+                    continue
+                try:
+                    reply = decode_reply(msg.value() or b"")
+                except MessageError as exc:
+                    log.warning("undecodable_reply", topic=msg.topic(), partition=msg.partition(),
+                                offset=msg.offset(), error=exc.message)
+                    continue
+                self._on_reply(reply)
+        except Exception as exc:  # the gateway reports not-ready instead of hanging requests
+            self.error = f"reply consumer failed: {exc}"
+            log.error("reply_consumer_failed", error=str(exc))
+        finally:
+            self._consumer.close()
+
+    def _assign_pending(self) -> None:
+        while True:
+            try:
+                topics = [t for t in self._requests.get_nowait() if t not in self._assigned]
+            except queue.Empty:
+                return
+            if not topics:
+                self.assigned.set()
+                continue
+            partitions = []
+            for topic in topics:
+                meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+                if meta is None or meta.error is not None:
+                    log.error("reply_topic_missing", topic=topic, hint="run `tierq topics create`")
+                    self._requests.put([topic])  # retried on the next round
+                    self._stopping.wait(1.0)
+                    continue
+                partitions += [TopicPartition(topic, p, self._start_offset) for p in meta.partitions]
+                self._not_at_end.update((topic, p) for p in meta.partitions)
+                self._assigned.add(topic)
+            if partitions:
+                self._consumer.incremental_assign(partitions)
+                log.info("reply_topics_assigned", topics=sorted({tp.topic for tp in partitions}))
+            self.assigned.set()
+
+
+class KafkaBridge:
+    """Publishes requests and resolves waiters when their replies arrive."""
+
+    def __init__(self, settings: Any, topology: Topology):
+        self.settings = settings
+        self.topology = topology
+        self.producer = Producer(settings, topology, on_quota="raise", **{"message.timeout.ms": PUBLISH_TIMEOUT_MS})
+        self.results: OrderedDict[str, Reply] = OrderedDict()
+        self.submitted: OrderedDict[str, str] = OrderedDict()  # request_id -> tenant, awaiting a reply
+        self._waiters: dict[str, list[asyncio.Future[Reply]]] = {}
+        self.reply_hooks: list[Callable[[Reply], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: ReplyListener | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        topics = [self.topology.reply_topic(t) for t in self.topology.tenants]
+        self._listener = ReplyListener(self.settings, topics, self._from_listener,
+                                       from_beginning=self.settings.gateway_replay == "beginning")
+        self._listener.start()
+        self._poller = self._loop.create_task(self._poll_producer())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        remaining = await asyncio.to_thread(self.producer.flush, 10)
+        if remaining:
+            log.error("requests_not_acknowledged_at_shutdown", count=remaining)
+        if self._listener is not None:
+            self._listener.stop()
+            await asyncio.to_thread(self._listener.join, 5)
+
+    async def _poll_producer(self) -> None:
+        """Serve delivery callbacks on the loop thread."""
+        while True:
+            self.producer.poll(0)
+            await asyncio.sleep(0.002)
+
+    def readiness(self) -> tuple[bool, str]:
+        listener = self._listener
+        if listener is None:
+            return False, "not started"
+        if listener.error:
+            return False, listener.error
+        if not listener.assigned.is_set():
+            return False, "reply topics not assigned yet"
+        if not listener.caught_up.is_set():
+            return False, "reading reply topics"
+        return True, "ready"
+
+    def update_topology(self, topology: Topology) -> None:
+        """Adopt reloaded tenants: their keys, quotas and reply topics."""
+        self.topology = topology
+        self.producer.update_tenants(topology)
+        if self._listener is not None:
+            self._listener.add_topics([topology.reply_topic(t) for t in topology.tenants])
+
+    # ---- requests and replies --------------------------------------------------------
+
+    def prepare(self, document: dict[str, Any]) -> Request:
+        """Validate, authorize and charge quota (raises ``MessageError`` / ``QuotaExceeded``)."""
+        return self.producer.prepare(document)
+
+    async def publish(self, request: Request) -> None:
+        """Publish and wait until the broker acknowledges it (raises ``DeliveryError``)."""
+        assert self._loop is not None
+        acked: asyncio.Future[None] = self._loop.create_future()
+
+        def delivered(future: DeliveryFuture) -> None:
+            if acked.done():
+                return
+            error = future.exception(timeout=0) if future.failed else None
+            if error is not None:
+                acked.set_exception(error)
+            else:
+                acked.set_result(None)
+
+        self.submitted[request.request_id] = request.tenant_id
+        while len(self.submitted) > self.settings.gateway_results_cache:
+            self.submitted.popitem(last=False)
+        self.producer.publish(request).add_done_callback(delivered)
+        try:
+            await acked
+        except DeliveryError:
+            self.submitted.pop(request.request_id, None)
+            raise
+
+    async def wait_reply(self, request_id: str, timeout: float) -> Reply | None:
+        """The reply, or None if it did not arrive within ``timeout`` seconds."""
+        if request_id in self.results:
+            return self.results[request_id]
+        assert self._loop is not None
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._waiters.setdefault(request_id, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(request_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(request_id, None)
+
+    def lookup(self, tenant_id: str, request_id: str) -> tuple[str, Reply | None] | None:
+        """('done', reply) or ('pending', None) for the tenant's own request, else None."""
+        reply = self.results.get(request_id)
+        if reply is not None:
+            return ("done", reply) if reply.tenant_id == tenant_id else None
+        if self.submitted.get(request_id) == tenant_id:
+            return "pending", None
+        return None
+
+    def _from_listener(self, reply: Reply) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_reply, reply)
+
+    def _on_reply(self, reply: Reply) -> None:
+        if reply.request_id in self.results:
+            return  # a repeated reply after a worker restart: first one wins
+        self.results[reply.request_id] = reply
+        while len(self.results) > self.settings.gateway_results_cache:
+            self.results.popitem(last=False)
+        self.submitted.pop(reply.request_id, None)
+        for future in self._waiters.pop(reply.request_id, []):
+            if not future.done():
+                future.set_result(reply)
+        for hook in self.reply_hooks:
+            hook(reply)
