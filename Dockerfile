@@ -1,7 +1,7 @@
 # tierq image: the CLI, producer, worker and gateway. GPU workers use the CUDA vLLM build
-# (extra `gpu`); build with --build-arg TIERQ_EXTRAS=cpu,embedded for a CPU-only image.
+# (extra `gpu`); build with --build-arg TIERQ_EXTRAS=cpu,embedded,gateway for a CPU-only image.
 FROM python:3.11-slim
-ARG TIERQ_EXTRAS=gpu
+ARG TIERQ_EXTRAS=gpu,gateway
 WORKDIR /app
 COPY pyproject.toml README.md topics.yaml ./
 COPY schemas ./schemas
