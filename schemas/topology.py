@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -75,6 +75,28 @@ class TenantConfig(_Config):
     quotas: Quotas = Field(default_factory=Quotas)
 
 
+class DeviceMatch(_Config):
+    """Which devices a rule applies to; every field given must match (none given: all)."""
+
+    kind: Literal["gpu", "mig", "cpu"] | None = None
+    label: str | None = None  # gpu0, gpu1-mig2, cpu0 (as `tierq devices` prints)
+    uuid: str | None = None
+    profile: str | None = None  # MIG profile, e.g. 3g.40gb
+    name_contains: str | None = None
+
+
+class DeviceRule(_Config):
+    """What the worker on a matching device serves and how its engine is sized."""
+
+    match: DeviceMatch = Field(default_factory=DeviceMatch)
+    pool: PoolName = "default"
+    enabled: bool = True  # false: start no worker on matching devices
+    model: str | None = None
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    engine_extra: dict[str, Any] = Field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """A topic to create: name, partitions and topic-level configs."""
@@ -94,6 +116,8 @@ class Topology(_Config):
     dlq: DlqConfig = Field(default_factory=DlqConfig)
     attempts: AttemptsConfig = Field(default_factory=AttemptsConfig)
     tenants: dict[TenantId, TenantConfig] = Field(default_factory=dict)
+    #: device -> pool rules for `tierq workers up`, first match wins (default: the default pool)
+    devices: list[DeviceRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_references(self) -> Topology:
@@ -109,6 +133,9 @@ class Topology(_Config):
                 raise ValueError(
                     f"tenants.{tenant_id}.pool: unknown pool {tenant.pool!r} (pools: {', '.join(self.pools)})"
                 )
+        for i, rule in enumerate(self.devices):
+            if rule.pool not in self.pools:
+                raise ValueError(f"devices.{i}.pool: unknown pool {rule.pool!r} (pools: {', '.join(self.pools)})")
         self._check_topic_names()
         return self
 

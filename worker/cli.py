@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     out=args.out)
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from worker.devices import discover, format_table
+
+    discovery = discover()
+    if args.json:
+        print(json.dumps({"devices": [d.as_json() for d in discovery.devices], "note": discovery.note}, indent=2))
+    else:
+        print(format_table(discovery))
+    return 0
+
+
+def cmd_workers_up(args: argparse.Namespace) -> int:
+    from producer.admin import create_topics
+    from producer.broker import EmbeddedBroker
+    from schemas.logs import configure
+    from worker.devices import discover
+    from worker.launcher import Supervisor, cpu_devices, plan
+
+    configure()
+    settings = _worker_settings(args)
+    topology = settings.load_topology()
+    if args.cpu:
+        devices, note = cpu_devices(args.cpu), None
+    else:
+        discovery = discover()
+        devices, note = discovery.devices, discovery.note
+    if note:
+        print(f"tierq: {note}", file=sys.stderr)
+    specs = plan(devices, topology, metrics_port_base=args.metrics_port_base)
+    if not specs:
+        print("tierq: error: no device is assigned a worker (check the devices: rules)", file=sys.stderr)
+        return 2
+    base_env = {"TIERQ_TOPICS_FILE": str(Path(settings.topics_file).resolve()),
+                "TIERQ_TENANTS_FILE": str(Path(settings.tenants_file).resolve()),
+                "TIERQ_STATE_DIR": str(Path(settings.state_dir).resolve())}
+    broker = None
+    if settings.bootstrap_servers:
+        base_env["TIERQ_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
+    else:
+        broker = EmbeddedBroker(log_path=settings.state_dir / "broker.log").start()
+        base_env["TIERQ_BOOTSTRAP_SERVERS"] = broker.bootstrap
+        create_topics(settings.model_copy(update={"bootstrap_servers": broker.bootstrap}), topology)
+        print(f"tierq: no TIERQ_BOOTSTRAP_SERVERS: embedded broker at {broker.bootstrap} (in memory)",
+              file=sys.stderr)
+    if settings.model is None and any(topology.pools[spec.pool].model is None for spec in specs):
+        from worker.tinymodel import make_tiny_model
+
+        make_tiny_model(settings.model_dir_default())  # once, before the workers race to make it
+    for spec in specs:
+        print(f"tierq: {spec.name}: pool {spec.pool}", file=sys.stderr)
+    supervisor = Supervisor(specs, base_env, settings.state_dir / "workers.json",
+                            log_dir=args.log_dir)
+    try:
+        return supervisor.run(settings.drain_timeout_s)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument("--pool", help="pool to serve (env TIERQ_POOL; default 'default')")
@@ -63,3 +123,16 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--high", type=int, default=20)
     demo.add_argument("--out", type=Path, help="also write the replies as JSONL")
     demo.set_defaults(func=cmd_demo)
+
+    devices = commands.add_parser("devices", help="list GPUs and MIG instances (NVML); the CPU when there are none")
+    devices.add_argument("--json", action="store_true", help="JSON instead of a table")
+    devices.set_defaults(func=cmd_devices)
+
+    workers = commands.add_parser("workers", help="run one worker per device").add_subparsers(
+        dest="action", required=True)
+    up = workers.add_parser("up", parents=[common],
+                            help="start and supervise one worker process per GPU/MIG instance until SIGTERM")
+    up.add_argument("--cpu", type=int, metavar="N", help="ignore GPUs; run N CPU workers")
+    up.add_argument("--metrics-port-base", type=int, help="worker i serves Prometheus on this port + i")
+    up.add_argument("--log-dir", type=Path, help="write each worker's output to LOG_DIR/worker-<device>.log")
+    up.set_defaults(func=cmd_workers_up)

@@ -14,6 +14,7 @@ from producer.broker import EmbeddedBroker
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
+from worker.gpu_compat import prepare_for_mig
 from worker.service import Worker
 from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
@@ -70,6 +71,7 @@ def run_worker(settings: WorkerSettings, topology: Topology) -> int:
 
         metrics.serve(settings.metrics_port)
     with local_broker_if_needed(settings, topology) as settings:
+        prepare_for_mig()
         engine = Engine.start(engine_config(settings, topology))
         try:
             return asyncio.run(serve(settings, topology, engine))
