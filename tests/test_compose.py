@@ -53,3 +53,12 @@ def test_compose_config_with_docker():
     result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_prometheus_scrapes_every_worker_and_the_gateway(compose):
+    scrape = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    for name, service in compose["services"].items():
+        if name.startswith("worker-"):
+            assert f"{name}:{service['environment']['TIERQ_METRICS_PORT']}" in targets
+    assert "gateway:8000" in targets
