@@ -33,6 +33,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Largest encoded request accepted: below librdkafka's and Kafka's default 1 MB message limit.
+MAX_REQUEST_BYTES = 900_000
+
 #: Serve delivery callbacks after this many sends; each poll(0) costs about a microsecond.
 POLL_EVERY = 64
 
@@ -202,12 +205,16 @@ class Producer:
 
     def publish(self, request: Request) -> DeliveryFuture:
         """Send an already prepared request; the future resolves once the broker acknowledges it."""
+        value = encode(request)
+        if len(value) > MAX_REQUEST_BYTES:
+            raise InvalidMessage(f"request is {len(value):,} bytes encoded; the limit is {MAX_REQUEST_BYTES:,} "
+                                 "(Kafka's default message size); shorten the prompt")
         future = DeliveryFuture(request.request_id, self)
         tenant = request.tenant_id.encode()
         self._produce(
             self._topics[(request.pool, request.priority)],
             key=tenant,
-            value=encode(request),
+            value=value,
             headers=[
                 ("request_id", request.request_id.encode()),
                 ("tenant_id", tenant),

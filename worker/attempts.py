@@ -27,11 +27,22 @@ class AttemptsLedger:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }))
-        metadata = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+        self._not_loaded: set[int] = set()
+        self.connected = False
+
+    def connect(self, timeout: float = 5.0) -> str | None:
+        """Find the topic and start reading it; None when done, else why not (broker down, topic missing)."""
+        try:
+            metadata = self._consumer.list_topics(self.topic, timeout=timeout).topics.get(self.topic)
+        except confluent_kafka.KafkaException as exc:
+            return f"broker unreachable: {exc.args[0].str() if exc.args else exc}"
         if metadata is None or metadata.error is not None:
-            raise RuntimeError(f"attempts topic {topic!r} does not exist; run `tierq topics create`")
+            return f"attempts topic {self.topic!r} does not exist yet; run `tierq topics create`"
         self._not_loaded = set(metadata.partitions)
-        self._consumer.assign([TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in metadata.partitions])
+        self._consumer.assign([TopicPartition(self.topic, p, confluent_kafka.OFFSET_BEGINNING)
+                               for p in metadata.partitions])
+        self.connected = True
+        return None
 
     def load(self, timeout: float = 30.0) -> None:
         """Read the topic to its end once, so counts from before this worker started are known."""

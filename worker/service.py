@@ -97,9 +97,30 @@ class Worker:
             log.warning("aborting", in_flight=self.policy.in_flight)
         self._wake.set()
 
+    async def _wait_for_broker(self) -> bool:
+        """Wait (logging why) until the broker answers and the topics exist; False if stopped first."""
+        delay = 0.5
+        while self._stop_requested_at is None:
+            problem = await asyncio.to_thread(self.attempts.connect, 5.0)
+            if problem is None:
+                return True
+            log.warning("waiting_for_broker", problem=problem, retry_in_s=delay,
+                        bootstrap=self.settings.bootstrap_servers)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            delay = min(delay * 2, 10.0)
+        return False
+
     async def run(self) -> int:
         """Serve until stopped; return the process exit status (non-zero: restart me)."""
-        self.attempts.load()
+        if not await self._wait_for_broker():
+            self.intake.close()
+            self.attempts.close()
+            return 0
+        await asyncio.to_thread(self.attempts.load)
         self.intake.subscribe()
         log.info("worker_started", pool=self.pool, worker=self.settings.worker_id,
                  slots=self.settings.max_num_seqs, capacity=self.policy.capacity)

@@ -277,6 +277,8 @@ async def _complete(gateway: Gateway, request: Request, url: str, tenant_id: str
         headers["X-Tierq-Priority-Lowered"] = f"{asked}->{prepared.priority.value}"
     try:
         await gateway.bridge.publish(prepared)
+    except MessageError as exc:  # e.g. over the message size limit
+        raise api_error_for(exc.code, exc.message) from None
     except DeliveryError as exc:
         raise ApiError(503, "broker_unavailable", f"the request was not accepted by Kafka: {exc}",
                        headers={"Retry-After": "5"}) from None

@@ -223,6 +223,11 @@ class BatchService:
             try:
                 await self.bridge.publish(request)
                 return
+            except MessageError as exc:
+                batch["_custom_ids"].pop(str(line), None)
+                batch["_invalid"][str(line)] = {"custom_id": doc["metadata"].get("custom_id"),
+                                                "code": exc.code.value, "message": exc.message}
+                return
             except DeliveryError as exc:  # broker unreachable: keep the line, try again
                 log.warning("batch_publish_retry", batch=batch["id"], line=line, error=str(exc))
                 await asyncio.sleep(1.0)

@@ -201,10 +201,11 @@ class KafkaBridge:
             else:
                 acked.set_result(None)
 
+        future = self.producer.publish(request)  # raises MessageError for an oversized request
         self.submitted[request.request_id] = request.tenant_id
         while len(self.submitted) > self.settings.gateway_results_cache:
             self.submitted.popitem(last=False)
-        self.producer.publish(request).add_done_callback(delivered)
+        future.add_done_callback(delivered)
         try:
             await acked
         except DeliveryError:

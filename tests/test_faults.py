@@ -1,0 +1,150 @@
+"""Fault tests: a corpus of bad input, rebalances mid-run, a broker that is not there yet.
+
+They assert outcomes (every request answered, nothing lost, the worker alive), never timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timedelta
+
+import confluent_kafka
+import orjson
+import pytest
+
+from producer.admin import create_topics
+from producer.broker import EmbeddedBroker, free_port
+from producer.client import Producer
+from schemas.codec import MessageError
+from schemas.messages import Band, ErrorCode, Status, utc_now
+from schemas.settings import Settings
+from tests.conftest import isolated_topology
+from tests.kafka_helpers import read_topics
+from tests.worker_fixtures import (  # noqa: F401  (fixtures)
+    ENGINE_SLOTS, collect, custom_topology, engine, publish, request, start_worker, tiny_model,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.engine]
+
+
+def _doc(rid: str, **fields) -> dict:
+    doc = {"schema": "tierq.request/v1", "request_id": rid, "tenant_id": "acme", "priority": "low",
+           "pool": "default", "prompt": "hello", "submitted_at": utc_now().isoformat()}
+    doc.update(fields)
+    return {k: v for k, v in doc.items() if v is not ...}
+
+
+def _raw(rid: str, **fields) -> bytes:
+    return orjson.dumps(_doc(rid, **fields))
+
+
+async def test_a_corpus_of_bad_input_never_stops_the_worker(settings, base_topology, start_worker):
+    topology = custom_topology(base_topology, settings)
+    worker = start_worker(topology)
+    low = topology.band_topic("default", Band.low)
+    past = utc_now() - timedelta(minutes=5)
+    # (record bytes, expected error code) for records that name a usable request_id and tenant
+    answered: dict[str, tuple[bytes, ErrorCode]] = {
+        "wrong-schema-version": (_raw("wrong-schema-version", schema="tierq.request/v9"), ErrorCode.unsupported_schema),
+        "negative-temperature": (_raw("negative-temperature", params={"temperature": -0.5}), ErrorCode.invalid_request),
+        "zero-top-p": (_raw("zero-top-p", params={"top_p": 0}), ErrorCode.invalid_request),
+        "absurd-max-tokens": (_raw("absurd-max-tokens", params={"max_tokens": 10**9}), ErrorCode.invalid_request),
+        "over-context": (_raw("over-context", params={"max_tokens": 100_000}), ErrorCode.invalid_request),
+        "prompt-over-max-len": (_raw("prompt-over-max-len", prompt="word " * 3000), ErrorCode.prompt_too_long),
+        "priority-wrong-type": (_raw("priority-wrong-type", priority=3), ErrorCode.invalid_request),
+        "unknown-priority": (_raw("unknown-priority", priority="urgent"), ErrorCode.invalid_request),
+        "unknown-pool": (_raw("unknown-pool", pool="gold"), ErrorCode.unknown_pool),
+        "prompt-and-messages": (_raw("prompt-and-messages", messages=[{"role": "user", "content": "x"}]),
+                                ErrorCode.invalid_request),
+        "neither-prompt-nor-messages": (_raw("neither-prompt-nor-messages", prompt=...), ErrorCode.invalid_request),
+        "bad-role": (_raw("bad-role", prompt=..., messages=[{"role": "wizard", "content": "x"}]),
+                     ErrorCode.invalid_request),
+        "empty-prompt": (_raw("empty-prompt", prompt=""), ErrorCode.invalid_request),
+        "unknown-field": (_raw("unknown-field", max_token=5), ErrorCode.invalid_request),
+        "params-wrong-type": (_raw("params-wrong-type", params="fast"), ErrorCode.invalid_request),
+        "too-many-stops": (_raw("too-many-stops", params={"stop": [str(i) for i in range(17)]}),
+                           ErrorCode.invalid_request),
+        "naive-timestamp": (_raw("naive-timestamp", submitted_at=datetime.now().isoformat()),
+                            ErrorCode.invalid_request),
+        "deadline-before-submit": (_raw("deadline-before-submit", deadline=past.isoformat()),
+                                   ErrorCode.invalid_request),
+        "expired": (_raw("expired", submitted_at=(past - timedelta(minutes=1)).isoformat(),
+                         deadline=past.isoformat()), ErrorCode.deadline_exceeded),
+        "metadata-not-object": (_raw("metadata-not-object", metadata=[1, 2]), ErrorCode.invalid_request),
+    }
+    forbidden = _raw("forbidden-priority", tenant_id="initech", priority="high")  # initech: low at most
+    # records nobody can be answered for: dead-lettered with their bytes
+    dead = [
+        b"not json", b"\xff\xfe\xfd invalid utf-8", b"", b"[1, 2, 3]", b'"a string"', b"null", b"{",
+        _raw("unknown-tenant", tenant_id="nobody"), _raw("bad id with spaces"),
+        orjson.dumps({"tenant_id": "acme", "prompt": "no request id"}), _raw("", tenant_id=...),
+    ]
+    raw = confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for value in dead:
+        raw.produce(low, key=b"acme", value=value)
+    for value, _code in answered.values():
+        raw.produce(low, key=b"acme", value=value)
+    raw.produce(topology.band_topic("default", Band.high), key=b"initech", value=forbidden)
+    duplicate = _raw("same-id-twice", params={"max_tokens": 2})
+    raw.produce(low, key=b"acme", value=duplicate)
+    raw.produce(low, key=b"acme", value=duplicate)
+    raw.flush(10)
+    good = publish(settings, topology, [request(max_tokens=4) for _ in range(8)])
+    # a 5 MB request never reaches Kafka: the producer refuses it with a clear error
+    with Producer(settings, topology, on_quota="off") as producer, pytest.raises(MessageError) as too_big:
+        producer.submit(request(prompt="x" * 5_000_000))
+    assert too_big.value.code is ErrorCode.invalid_request and "limit" in too_big.value.message
+
+    assert len(answered) + len(dead) + 3 >= 20, "the corpus covers at least 20 kinds of bad input"
+    replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=len(answered) + 1 + 8)}
+    initech = await collect(settings, topology, "initech", expect=1)
+    assert initech[0].request_id == "forbidden-priority" and initech[0].error.code is ErrorCode.forbidden_priority
+    for rid, (_value, code) in answered.items():
+        assert rid in replies, f"{rid}: no reply"
+        assert replies[rid].error is not None and replies[rid].error.code is code, (rid, replies[rid].error)
+    assert replies["same-id-twice"].status is Status.ok
+    assert all(replies[rid].status is Status.ok for rid in good), "good requests around the bad ones are served"
+    dlq = read_topics(settings.bootstrap_servers, [topology.dlq.topic], expect=len(dead))
+    assert sorted(m.value() or b"" for m in dlq) == sorted(dead)
+    assert worker.fatal is None
+
+
+async def test_rebalances_mid_run_lose_nothing(settings, base_topology, start_worker):
+    """Two workers in one group; a third joins and one leaves while requests flow."""
+    topology = custom_topology(base_topology, settings)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    first = start_worker(topology, group_id=group, worker_id="w1")
+    start_worker(topology, group_id=group, worker_id="w2")
+    ids = publish(settings, topology, [request(priority=b, max_tokens=12) for b in ["low", "medium", "high"] * 40])
+    await collect(settings, topology, "acme", expect=10)  # work is flowing
+    start_worker(topology, group_id=group, worker_id="w3")
+    ids += publish(settings, topology, [request(max_tokens=12) for _ in range(60)])
+    await collect(settings, topology, "acme", expect=60)
+    first.request_stop()  # leaves the group: drains what it started, hands the rest over
+    ids += publish(settings, topology, [request(max_tokens=12) for _ in range(60)])
+    replies = await collect(settings, topology, "acme", expect=len(ids), timeout=240)
+    assert {r.request_id for r in replies} == set(ids), "every request answered across the rebalances"
+    assert {r.worker for r in replies} >= {"w2", "w3"}
+
+
+async def test_worker_waits_for_a_broker_that_is_not_there_yet(base_topology, engine, tmp_path):
+    from worker.service import Worker
+    from worker.settings import WorkerSettings
+
+    port = free_port()
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{port}", _env_file=None)
+    topology = isolated_topology(base_topology, f"late{uuid.uuid4().hex[:8]}")
+    worker = Worker(WorkerSettings(_env_file=None, bootstrap_servers=settings.bootstrap_servers,
+                                   max_num_seqs=ENGINE_SLOTS, group_id=f"g-{uuid.uuid4().hex[:8]}",
+                                   session_timeout_ms=6000, worker_id="late/worker"), topology, engine)
+    task = asyncio.get_running_loop().create_task(worker.run())
+    await asyncio.sleep(3)
+    assert not task.done(), "the worker must wait for the broker, not exit"
+    with EmbeddedBroker(port=port, log_path=tmp_path / "late-broker.log"):
+        await asyncio.to_thread(create_topics, settings, topology)
+        ids = await asyncio.to_thread(publish, settings, topology, [request(max_tokens=4) for _ in range(5)])
+        replies = await collect(settings, topology, "acme", expect=len(ids), timeout=120)
+        assert {r.request_id for r in replies} == set(ids)
+        worker.request_stop()
+        assert await asyncio.wait_for(task, 60) == 0
