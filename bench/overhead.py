@@ -1,7 +1,7 @@
 """Overhead of the Kafka path: N requests through producer -> Kafka -> worker -> reply topic,
 against the same prompts submitted straight into the same engine, in the same run.
 
-    .venv/bin/python bench/overhead.py --requests 1000 --out bench/results/overhead-cpu.json
+    .venv/bin/python -m bench.overhead --requests 1000 --out bench/results/overhead-cpu.json
 """
 
 from __future__ import annotations

@@ -212,6 +212,8 @@ async def test_quota_at_five_times_the_rate_loses_nothing_and_spares_others(stac
 
     accepted = [raw for kind, raw in outcomes if kind == "ok"]
     limited = [exc for kind, exc in outcomes if kind == "limited"]
+    print(f"metered: {len(outcomes)} sent in {elapsed:.2f}s at {rate}/s quota: {len(accepted)} accepted, "
+          f"{len(limited)} refused (429); globex: {sum(k == 'ok' for k, _ in others)}/{len(others)} accepted")
     assert limited, "a tenant at 5x its rate must get 429s"
     assert all(int(exc.response.headers["retry-after"]) >= 1 for exc in limited)
     assert burst <= len(accepted) <= burst + rate * elapsed + 1
