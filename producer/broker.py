@@ -152,3 +152,76 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalS3:
+    """A local S3 endpoint (moto's server, from PyPI) holding the durable broker's data.
+
+    The data lives as long as this server process: the broker can crash and restart without
+    losing a message. For durability across machine restarts, give Tansu a real S3 or MinIO
+    endpoint instead (``tierq broker --s3-endpoint``).
+    """
+
+    def __init__(self, bucket: str = "tansu", host: str = "127.0.0.1", port: int | None = None,
+                 log_path: Path | None = None):
+        self.bucket = bucket
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path or Path(tempfile.gettempdir()) / f"tierq-s3-{self.port}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def broker_env(self) -> dict[str, str]:
+        return s3_env(self.endpoint)
+
+    def start(self, timeout: float = 30.0) -> LocalS3:
+        import urllib.error
+        import urllib.request
+
+        moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+        if moto is None:
+            raise BrokerError("the durable broker needs moto's S3 server: pip install 'tierq[durable]'")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen([moto, "-H", self.host, "-p", str(self.port)], stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                request = urllib.request.Request(f"{self.endpoint}/{self.bucket}", method="PUT")
+                urllib.request.urlopen(request, timeout=2).close()  # create the bucket
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise BrokerError(f"local S3 server did not start; log: {self.log_path}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def __enter__(self) -> LocalS3:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The environment Tansu's s3:// storage engine reads (credentials only matter to real S3)."""
+    return {
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "tierq"),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "tierq"),
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ALLOW_HTTP": "true" if endpoint.startswith("http://") else "false",
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,38 @@ def _interrupt(*_: object) -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from producer.broker import EmbeddedBroker
+    from producer.broker import EmbeddedBroker, LocalS3, s3_env
 
-    broker = EmbeddedBroker(port=args.port, host=args.host).start()
+    s3 = None
+    storage, env = "memory://tansu/", {}
+    if args.s3_endpoint:
+        storage, env = f"s3://{args.bucket}/", s3_env(args.s3_endpoint)
+    elif args.durable:
+        s3 = LocalS3(bucket=args.bucket).start()
+        storage, env = f"s3://{args.bucket}/", s3.broker_env()
+    broker = EmbeddedBroker(port=args.port, host=args.host, storage=storage, env=env).start()
     signal.signal(signal.SIGTERM, _interrupt)
     print(broker.bootstrap, flush=True)
-    print(f"tierq: broker listening; export TIERQ_BOOTSTRAP_SERVERS={broker.bootstrap}; Ctrl-C stops it",
-          file=sys.stderr, flush=True)
+    where = {"memory://tansu/": "in memory (lost when it stops)"}.get(storage, f"in {storage} "
+                                                                      f"({args.s3_endpoint or s3.endpoint})")
+    print(f"tierq: broker listening, data {where}; export TIERQ_BOOTSTRAP_SERVERS={broker.bootstrap}; "
+          "Ctrl-C stops it", file=sys.stderr, flush=True)
     try:
-        code = broker.wait()
-        print(f"tierq: broker exited with status {code}; log: {broker.log_path}", file=sys.stderr)
-        return EXIT_FAILED
+        while True:
+            code = broker.wait()
+            if storage.startswith("memory://"):
+                print(f"tierq: broker exited with status {code}; log: {broker.log_path}", file=sys.stderr)
+                return EXIT_FAILED
+            # durable storage: a crashed broker comes back on the same port with its data
+            print(f"tierq: broker exited with status {code}; restarting (log: {broker.log_path})", file=sys.stderr)
+            time.sleep(1)
+            broker.start()
     except KeyboardInterrupt:
         broker.stop()
         return EXIT_OK
+    finally:
+        if s3 is not None:
+            s3.stop()
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -196,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) until Ctrl-C")
     broker.add_argument("--port", type=int, help="listen port (default: a free one)")
     broker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    broker.add_argument("--durable", action="store_true",
+                        help="keep data in a local S3 server (moto), so the broker survives restarts; "
+                             "it is restarted if it dies")
+    broker.add_argument("--s3-endpoint", help="keep data in this S3/MinIO endpoint instead (credentials from AWS_*)")
+    broker.add_argument("--bucket", default="tansu", help="S3 bucket for --durable / --s3-endpoint")
     broker.set_defaults(func=cmd_broker)
 
     topics = commands.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)

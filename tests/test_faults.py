@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from producer.admin import create_topics
-from producer.broker import EmbeddedBroker, free_port
+from producer.broker import EmbeddedBroker, LocalS3, free_port
 from producer.client import Producer
 from schemas.codec import MessageError
 from schemas.messages import Band, ErrorCode, Status, utc_now
@@ -148,3 +148,39 @@ async def test_worker_waits_for_a_broker_that_is_not_there_yet(base_topology, en
         assert {r.request_id for r in replies} == set(ids)
         worker.request_stop()
         assert await asyncio.wait_for(task, 60) == 0
+
+
+async def test_broker_restart_mid_run_on_the_durable_broker_loses_nothing(base_topology, engine, tmp_path):
+    """Tansu on a local S3 server: SIGKILL the broker mid-run and start it again on the same
+    port. The worker and a long-lived producer reconnect by themselves; every request is answered."""
+    from worker.service import Worker
+    from worker.settings import WorkerSettings
+
+    with LocalS3(log_path=tmp_path / "s3.log") as s3:
+        broker = EmbeddedBroker(storage="s3://tansu/", env=s3.broker_env(), log_path=tmp_path / "broker.log").start()
+        try:
+            settings = Settings(bootstrap_servers=broker.bootstrap, _env_file=None)
+            topology = isolated_topology(base_topology, f"dur{uuid.uuid4().hex[:8]}")
+            await asyncio.to_thread(create_topics, settings, topology)
+            worker = Worker(WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap,
+                                           max_num_seqs=ENGINE_SLOTS, group_id=f"g-{uuid.uuid4().hex[:8]}",
+                                           session_timeout_ms=6000, worker_id="durable/worker"), topology, engine)
+            task = asyncio.get_running_loop().create_task(worker.run())
+            producer = Producer(settings, topology, on_quota="off")
+            futures = [producer.submit(request(max_tokens=16)) for _ in range(40)]
+            await asyncio.to_thread(producer.flush, 30)
+            await collect(settings, topology, "acme", expect=5)  # serving has begun
+            broker.kill()
+            await asyncio.sleep(2)
+            futures += [producer.submit(request(max_tokens=8)) for _ in range(20)]  # queued while it is down
+            await asyncio.to_thread(broker.start)
+            assert await asyncio.to_thread(producer.flush, 120) == 0, "the producer re-sent what was queued"
+            ids = [f.result(timeout=1).request_id for f in futures]
+            replies = await collect(settings, topology, "acme", expect=len(ids), timeout=240)
+            assert {r.request_id for r in replies} == set(ids), "nothing lost across the broker restart"
+            assert worker.fatal is None
+            worker.request_stop()
+            assert await asyncio.wait_for(task, 60) == 0
+            producer.close()
+        finally:
+            broker.stop()
