@@ -70,12 +70,7 @@ def stack(args: argparse.Namespace) -> Iterator[tuple[Engine, str]]:
 
 def topology(bootstrap: str, **band_changes: dict[str, Any]) -> Topology:
     """topics.yaml with fresh topic names (one phase's data never meets another's)."""
-    document = load_topology("topics.yaml").model_dump(mode="json")
-    prefix = f"bench{uuid.uuid4().hex[:8]}"
-    document["topic_pattern"] = f"{prefix}.{{pool}}.{{band}}"
-    document["replies"]["topic_pattern"] = f"{prefix}.replies.{{tenant_id}}"
-    document["dlq"]["topic"] = f"{prefix}.dlq"
-    document["attempts"]["topic"] = f"{prefix}.attempts"
+    document = load_topology("topics.yaml").with_topic_prefix(f"bench{uuid.uuid4().hex[:8]}").model_dump(mode="json")
     for band, values in band_changes.items():
         document["bands"][band].update(values)
     for tenant in document["tenants"].values():
@@ -141,7 +136,13 @@ def pct(values: list[float], q: float) -> float | None:
 def summary(replies: list[Reply]) -> dict[str, Any]:
     queue = [r.timing.queue_ms for r in replies if r.timing.queue_ms is not None]
     e2e = [r.timing.e2e_ms for r in replies if r.timing.e2e_ms is not None]
+    kafka = [(r.timing.received_at - r.timing.submitted_at).total_seconds() * 1000
+             for r in replies if r.timing.received_at and r.timing.submitted_at]
+    buffered = [(r.timing.dequeued_at - r.timing.received_at).total_seconds() * 1000
+                for r in replies if r.timing.received_at and r.timing.dequeued_at]
     return {"count": len(replies), "queue_ms_p50": pct(queue, 50), "queue_ms_p99": pct(queue, 99),
+            # queue = time in Kafka until the worker fetched it + time in the worker's buffer
+            "in_kafka_ms_p99": pct(kafka, 99), "in_worker_buffer_ms_p99": pct(buffered, 99),
             "queue_ms_max": round(max(queue), 1) if queue else None,
             "e2e_ms_p50": pct(e2e, 50), "e2e_ms_p99": pct(e2e, 99),
             "queue_ms_mean": round(statistics.fmean(queue), 1) if queue else None}

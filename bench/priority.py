@@ -43,7 +43,7 @@ async def run_phase(engine, bootstrap, args, backlog: int, fifo: bool = False) -
 
 async def main_async(args) -> None:
     capacity = args.slots + 2
-    backlog = args.backlog or 10 * capacity
+    backlog = args.backlog or 20 * capacity
     with stack(args) as (engine, bootstrap):
         idle = await run_phase(engine, bootstrap, args, 0)
         prio = await run_phase(engine, bootstrap, args, backlog)
@@ -54,6 +54,9 @@ async def main_async(args) -> None:
         "high_trickle": {"seconds": args.seconds, "interval_s": args.interval, "max_tokens": args.high_tokens},
         "high": {name: summary(p["high"]) for name, p in phases.items()},
     }
+    result["backlog_outlasted_trickle"] = {
+        name: max(r.timing.finished_at for r in p["low"]) > max(r.timing.submitted_at for r in p["high"])
+        for name, p in phases.items() if p["low"]}
     base = result["high"]["idle"]
     result["ratios_vs_idle"] = {
         name: {k: ratio(result["high"][name][k], base[k]) for k in ("queue_ms_p50", "queue_ms_p99", "e2e_ms_p50",
@@ -93,8 +96,8 @@ def plot(phases: dict, tag: str) -> None:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--backlog", type=int, help="low backlog size (default 10x capacity)")
-    p.add_argument("--low-tokens", type=int, default=128)
+    p.add_argument("--backlog", type=int, help="low backlog size (default 20x capacity)")
+    p.add_argument("--low-tokens", type=int, default=400)
     p.add_argument("--high-tokens", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10.0, help="length of the high trickle")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between high requests")

@@ -48,8 +48,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM the broker when its parent dies, so no broker outlives a test run."""
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when its parent dies, so no broker or worker outlives its parent."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
@@ -97,7 +97,7 @@ class EmbeddedBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_until_ready(timeout)
@@ -187,7 +187,7 @@ class LocalS3:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen([moto, "-H", self.host, "-p", str(self.port)], stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.settings import BrokerNotConfigured, Settings
-from schemas.topology import Topology, TopologyError, load_topology
+from schemas.topology import Topology, TopologyError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

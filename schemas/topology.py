@@ -159,6 +159,15 @@ class Topology(_Config):
         named.append(("attempts.topic", self.attempts.topic))
         return named
 
+    def with_topic_prefix(self, prefix: str) -> Topology:
+        """The same topology with every topic name under ``prefix`` (separate test/bench runs)."""
+        document = self.model_dump(mode="json")
+        document["topic_pattern"] = f"{prefix}.{{pool}}.{{band}}"
+        document["replies"]["topic_pattern"] = f"{prefix}.replies.{{tenant_id}}"
+        document["dlq"]["topic"] = f"{prefix}.dlq"
+        document["attempts"]["topic"] = f"{prefix}.attempts"
+        return Topology.model_validate(document)
+
     def band_topic(self, pool: str, band: Band) -> str:
         configured = self.pools[pool].topics or {}
         return configured.get(band) or self.topic_pattern.format(pool=pool, band=band.value)

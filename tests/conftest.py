@@ -79,12 +79,7 @@ def base_topology() -> Topology:
 
 def isolated_topology(base: Topology, prefix: str) -> Topology:
     """The repository topology with every topic name prefixed, so tests never share data."""
-    document = base.model_dump(mode="json")
-    document["topic_pattern"] = f"{prefix}.{{pool}}.{{band}}"
-    document["replies"]["topic_pattern"] = f"{prefix}.replies.{{tenant_id}}"
-    document["dlq"]["topic"] = f"{prefix}.dlq"
-    document["attempts"]["topic"] = f"{prefix}.attempts"
-    return Topology.model_validate(document)
+    return base.with_topic_prefix(prefix)
 
 
 @pytest.fixture

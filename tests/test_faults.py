@@ -22,7 +22,7 @@ from schemas.settings import Settings
 from tests.conftest import isolated_topology
 from tests.kafka_helpers import read_topics
 from tests.worker_fixtures import (  # noqa: F401  (fixtures)
-    ENGINE_SLOTS, collect, custom_topology, engine, publish, request, start_worker, tiny_model,
+    collect, custom_topology, engine, publish, request, spawn_worker, start_worker, tiny_model,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
@@ -129,16 +129,10 @@ async def test_rebalances_mid_run_lose_nothing(settings, base_topology, start_wo
 
 
 async def test_worker_waits_for_a_broker_that_is_not_there_yet(base_topology, engine, tmp_path):
-    from worker.service import Worker
-    from worker.settings import WorkerSettings
-
     port = free_port()
     settings = Settings(bootstrap_servers=f"127.0.0.1:{port}", _env_file=None)
     topology = isolated_topology(base_topology, f"late{uuid.uuid4().hex[:8]}")
-    worker = Worker(WorkerSettings(_env_file=None, bootstrap_servers=settings.bootstrap_servers,
-                                   max_num_seqs=ENGINE_SLOTS, group_id=f"g-{uuid.uuid4().hex[:8]}",
-                                   session_timeout_ms=6000, worker_id="late/worker"), topology, engine)
-    task = asyncio.get_running_loop().create_task(worker.run())
+    worker, task = spawn_worker(engine, settings.bootstrap_servers, topology)
     await asyncio.sleep(3)
     assert not task.done(), "the worker must wait for the broker, not exit"
     with EmbeddedBroker(port=port, log_path=tmp_path / "late-broker.log"):
@@ -153,19 +147,13 @@ async def test_worker_waits_for_a_broker_that_is_not_there_yet(base_topology, en
 async def test_broker_restart_mid_run_on_the_durable_broker_loses_nothing(base_topology, engine, tmp_path):
     """Tansu on a local S3 server: SIGKILL the broker mid-run and start it again on the same
     port. The worker and a long-lived producer reconnect by themselves; every request is answered."""
-    from worker.service import Worker
-    from worker.settings import WorkerSettings
-
     with LocalS3(log_path=tmp_path / "s3.log") as s3:
         broker = EmbeddedBroker(storage="s3://tansu/", env=s3.broker_env(), log_path=tmp_path / "broker.log").start()
         try:
             settings = Settings(bootstrap_servers=broker.bootstrap, _env_file=None)
             topology = isolated_topology(base_topology, f"dur{uuid.uuid4().hex[:8]}")
             await asyncio.to_thread(create_topics, settings, topology)
-            worker = Worker(WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap,
-                                           max_num_seqs=ENGINE_SLOTS, group_id=f"g-{uuid.uuid4().hex[:8]}",
-                                           session_timeout_ms=6000, worker_id="durable/worker"), topology, engine)
-            task = asyncio.get_running_loop().create_task(worker.run())
+            worker, task = spawn_worker(engine, broker.bootstrap, topology)
             producer = Producer(settings, topology, on_quota="off")
             futures = [producer.submit(request(max_tokens=16)) for _ in range(40)]
             await asyncio.to_thread(producer.flush, 30)

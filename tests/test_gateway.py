@@ -6,7 +6,6 @@ One gateway and one worker serve the whole module (the engine is shared with the
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import pytest_asyncio
 import uvicorn
 
 from producer.admin import create_topics
+from producer.broker import free_port
 from producer.gateway.app import create_app
 from producer.gateway.settings import GatewaySettings
 from schemas.codec import decode_request
@@ -31,9 +31,7 @@ from schemas.settings import Settings
 from schemas.tenants import hash_api_key, new_api_key
 from schemas.topology import Topology
 from tests.conftest import isolated_topology
-from tests.worker_fixtures import ENGINE_SLOTS, collect, engine, tiny_model  # noqa: F401  (fixtures)
-from worker.service import Worker
-from worker.settings import WorkerSettings
+from tests.worker_fixtures import collect, engine, spawn_worker, tiny_model  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -64,20 +62,6 @@ class Stack:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _run_worker(settings: Settings, topology: Topology, engine: Any, pool: str) -> tuple[Worker, asyncio.Task]:
-    worker_settings = WorkerSettings(_env_file=None, bootstrap_servers=settings.bootstrap_servers, pool=pool,
-                                     max_num_seqs=ENGINE_SLOTS, group_id=f"g-{uuid.uuid4().hex[:8]}",
-                                     session_timeout_ms=6000, worker_id=f"test/{pool}")
-    worker = Worker(worker_settings, topology, engine)
-    return worker, asyncio.get_running_loop().create_task(worker.run())
-
-
 @pytest_asyncio.fixture(scope="module")
 async def stack(bootstrap: str, base_topology: Topology, engine: Any,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
@@ -87,12 +71,12 @@ async def stack(bootstrap: str, base_topology: Topology, engine: Any,
     document["tenants"] = {t: {**cfg, "api_key_hashes": [hash_api_key(keys[t])]} for t, cfg in TENANTS.items()}
     topology = Topology.model_validate(document)
     state = tmp_path_factory.mktemp("gateway")
-    port = _free_port()
+    port = free_port()
     settings = GatewaySettings(_env_file=None, bootstrap_servers=bootstrap, gateway_port=port, state_dir=state,
                                topics_file=Path(state / "absent-topics.yaml"), tenants_file=state / "tenants.yaml",
                                gateway_timeout_s=120)
     create_topics(settings, topology)
-    worker, worker_task = await _run_worker(settings, topology, engine, "default")
+    worker, worker_task = spawn_worker(engine, bootstrap, topology, worker_id="test/default")
     server = uvicorn.Server(uvicorn.Config(create_app(settings, topology), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     server_task = asyncio.get_running_loop().create_task(server.serve())
@@ -255,7 +239,8 @@ async def test_dedicated_pool_is_invisible_to_shared_workers_and_504_without_a_r
     for topic in stack.topology.pool_topics("default").values():
         assert request_id not in await asyncio.to_thread(_request_ids_on, stack.settings, topic)
     # a worker of the dedicated pool answers it (expired: its deadline passed while nobody served vip)
-    worker, task = await _run_worker(stack.settings, stack.topology, stack.engine, "vip")
+    worker, task = spawn_worker(stack.engine, stack.settings.bootstrap_servers, stack.topology, pool="vip",
+                                worker_id="test/vip")
     try:
         async with stack.http("vip") as http:
             for _ in range(300):

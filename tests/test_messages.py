@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from schemas.codec import InvalidMessage, MalformedMessage, decode_reply, decode_request, dumps, encode
-from schemas.messages import Band, ErrorCode, Reply, Request, Status
+from schemas.messages import Band, ErrorCode, Reply, Status
 
 
 def request_doc(**overrides):

@@ -50,20 +50,24 @@ def custom_topology(base: Topology, settings: Any, **changes: Any) -> Topology:
     return topology
 
 
+def spawn_worker(engine: Any, bootstrap: str, topology: Topology, **overrides: Any) -> tuple[Worker, asyncio.Task[int]]:
+    """A Worker on the shared engine, running as a task of the current loop."""
+    values: dict[str, Any] = {
+        "bootstrap_servers": bootstrap, "max_num_seqs": ENGINE_SLOTS,
+        "group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000, "worker_id": "test/worker",
+    }
+    worker = Worker(WorkerSettings(_env_file=None, **{**values, **overrides}), topology, engine)
+    return worker, asyncio.get_running_loop().create_task(worker.run())
+
+
 @pytest_asyncio.fixture
 async def start_worker(engine: Any, settings: Any) -> AsyncIterator[Callable[..., Worker]]:
     """Factory: run a Worker on the shared engine in the background until the test ends."""
     running: list[tuple[Worker, asyncio.Task[int]]] = []
 
     def start(topology: Topology, **overrides: Any) -> Worker:
-        values: dict[str, Any] = {
-            "bootstrap_servers": settings.bootstrap_servers, "max_num_seqs": ENGINE_SLOTS,
-            "group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000, "worker_id": "test/worker",
-        }
-        worker_settings = WorkerSettings(_env_file=None, **{**values, **overrides})
-        worker = Worker(worker_settings, topology, engine)
-        running.append((worker, asyncio.get_running_loop().create_task(worker.run())))
-        return worker
+        running.append(spawn_worker(engine, settings.bootstrap_servers, topology, **overrides))
+        return running[-1][0]
 
     yield start
     for worker, task in running:

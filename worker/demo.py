@@ -17,7 +17,7 @@ from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.codec import encode
 from schemas.messages import BAND_ORDER, Reply
-from schemas.topology import Topology, load_topology
+from schemas.topology import Topology
 from worker.engine import Engine
 from schemas.logs import configure
 from worker.runner import engine_config, local_broker_if_needed

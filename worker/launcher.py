@@ -9,7 +9,6 @@ aborts). The current pids are written to ``<state_dir>/workers.json`` for operat
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from producer.broker import die_with_parent
 from schemas.topology import DeviceMatch, DeviceRule, Topology
 from worker.devices import GIB, Device
 
@@ -112,11 +112,6 @@ def cpu_devices(count: int) -> list[Device]:
     return [Device(kind="cpu", name="cpu", index=i) for i in range(count)]
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Running:
     spec: WorkerSpec
@@ -152,7 +147,7 @@ class Supervisor:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stdout = open(self.log_dir / f"worker-{running.spec.name}.log", "ab")
         running.process = subprocess.Popen(self.command, env=env, stdout=stdout, stderr=subprocess.STDOUT
-                                           if stdout else None, preexec_fn=_die_with_parent)
+                                           if stdout else None, preexec_fn=die_with_parent)
         if stdout is not None:
             stdout.close()
         running.started_at = time.monotonic()
