@@ -94,6 +94,7 @@ class Phase:
 
     async def __aenter__(self) -> Phase:
         self._task = asyncio.get_running_loop().create_task(self.worker.run())
+        await asyncio.to_thread(self.producer.connect)
         while not self.worker.intake.assigned:
             await asyncio.sleep(0.05)
         return self

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import statistics
+import uuid
 import time
 from pathlib import Path
 
@@ -18,9 +21,9 @@ from producer.broker import EmbeddedBroker
 from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.messages import Request, utc_now
+from schemas.logs import configure
 from schemas.topology import load_topology
 from worker.engine import Engine, EngineConfig
-from schemas.logs import configure
 from worker.service import Worker
 from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--engine-queue", type=int, default=None, help="worker engine_queue (default: the setting's)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of direct-then-tierq; the median is reported")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
     configure(level="WARNING")
@@ -87,26 +92,46 @@ def main() -> None:
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
                                        extra={"enforce_eager": True}))
     docs = documents(args.requests, args.max_tokens)
+    rounds = []
     with EmbeddedBroker() as broker:
-        settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots)
-        topology = load_topology("topics.yaml")
-        create_topics(settings, topology)
+        extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}
+        settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots, **extra)
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(direct(engine, docs[:50]))  # warm-up
-            direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs))
-            kafka_s, kafka_tokens = loop.run_until_complete(through_kafka(settings, topology, engine, docs))
+            for round_ in range(args.repeat):  # alternate, so drift hits both sides alike
+                topology = load_topology("topics.yaml").with_topic_prefix(f"overhead{round_}-{uuid.uuid4().hex[:6]}")
+                create_topics(settings, topology)
+                cpu = time.process_time()
+                direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs))
+                direct_cpu, cpu = time.process_time() - cpu, time.process_time()
+                kafka_s, kafka_tokens = loop.run_until_complete(through_kafka(settings, topology, engine, docs))
+                kafka_cpu = time.process_time() - cpu
+                rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
+                               "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
+                               "direct_cpu_s": round(direct_cpu, 3), "tierq_cpu_s": round(kafka_cpu, 3),
+                               "ratio": round(direct_s / kafka_s, 3)})
+                print(rounds[-1], flush=True)
         finally:
             loop.close()
     engine.shutdown()
+    best = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the median round
+    n = args.requests
     result = {
-        "bench": "overhead", "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "requests": args.requests, "max_tokens": args.max_tokens, "slots": args.slots,
-        "direct": {"seconds": round(direct_s, 3), "req_per_s": round(args.requests / direct_s, 1),
-                   "tokens_per_s": round(direct_tokens / direct_s, 1)},
-        "tierq": {"seconds": round(kafka_s, 3), "req_per_s": round(args.requests / kafka_s, 1),
-                  "tokens_per_s": round(kafka_tokens / kafka_s, 1)},
-        "ratio_req_per_s": round(direct_s / kafka_s, 3),
+        "bench": "overhead", "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs",
+        "requests": n, "max_tokens": args.max_tokens, "slots": args.slots, "engine_queue": settings.engine_queue,
+        "median_round": {
+            "direct": {"req_per_s": round(n / best["direct_s"], 1),
+                       "tokens_per_s": round(best["direct_tokens"] / best["direct_s"], 1)},
+            "tierq": {"req_per_s": round(n / best["tierq_s"], 1),
+                      "tokens_per_s": round(best["tierq_tokens"] / best["tierq_s"], 1)},
+            "ratio_req_per_s": best["ratio"],
+        },
+        # CPU time of this process per request: the engine client, plus for tierq the worker,
+        # producer and result collector (the engine core runs in its own process)
+        "extra_cpu_ms_per_request": round(statistics.median(
+            (r["tierq_cpu_s"] - r["direct_cpu_s"]) * 1000 / n for r in rounds), 3),
+        "rounds": rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from bench.common import Phase, doc, figure_path, parser, pct, stack, topology, write
+from schemas.messages import Band
 
 
 async def run_phase(engine, bootstrap, args, aging: bool) -> dict:
@@ -22,13 +23,15 @@ async def run_phase(engine, bootstrap, args, aging: bool) -> dict:
         start = time.monotonic()
         next_low = start
         while time.monotonic() - start < args.seconds:
-            # keep more high work queued than the engine can take
-            highs += await asyncio.to_thread(phase.publish, [doc("acme", "high", args.high_tokens)
-                                                              for _ in range(args.slots)])
+            # closed loop: keep at least 2x the engine's slots of high work waiting in the worker,
+            # so the engine is saturated with high requests the whole time
+            if phase.worker.policy.waiting_by_band()[Band.high] < 2 * args.slots:
+                highs += await asyncio.to_thread(phase.publish, [doc("acme", "high", args.high_tokens)
+                                                                  for _ in range(2 * args.slots)])
             if time.monotonic() >= next_low:
                 lows += await asyncio.to_thread(phase.publish, [doc("globex", "low", 8)])
                 next_low += args.low_interval
-            await asyncio.sleep(args.high_interval)
+            await asyncio.sleep(0.02)
         high_replies = await phase.collect("acme", expect=len(highs))
         low_replies = {r.request_id: r for r in await phase.collect("globex", expect=len(lows))}
     load_end = max(r.timing.dequeued_at for r in high_replies)
@@ -84,7 +87,6 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="duration of the high load")
     p.add_argument("--step", type=float, default=5.0, help="aging_step_s of medium and low for the run")
     p.add_argument("--high-tokens", type=int, default=32)
-    p.add_argument("--high-interval", type=float, default=0.2)
     p.add_argument("--low-interval", type=float, default=2.0)
     asyncio.run(main_async(p.parse_args()))
 

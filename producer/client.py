@@ -242,6 +242,10 @@ class Producer:
             self._unpolled = 0
             self._producer.poll(0)
 
+    def connect(self, timeout: float = 10.0) -> None:
+        """Reach the broker now (metadata), so the first request does not pay for connecting."""
+        self._producer.list_topics(timeout=timeout)
+
     def poll(self, timeout: float = 0) -> int:
         return self._producer.poll(timeout)
 

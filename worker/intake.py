@@ -52,6 +52,10 @@ class Intake:
                 "queued.min.messages": 64,
                 "queued.max.messages.kbytes": 2048,
                 "fetch.wait.max.ms": 50,
+                # librdkafka postpones a partition's next fetch by up to 1 s once its local queue
+                # passes the thresholds above; keep that short so a high request is not left behind
+                "fetch.queue.backoff.ms": 20,
+                "fetch.error.backoff.ms": 100,
             },
         ))
 

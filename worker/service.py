@@ -97,6 +97,15 @@ class Worker:
             log.warning("aborting", in_flight=self.policy.in_flight)
         self._wake.set()
 
+    async def _sleep_until_woken(self, timeout: float) -> None:
+        """Wait for a wake-up (engine output, delivery) or ``timeout``: Kafka has no fd to await.
+        A timer handle is much cheaper than ``asyncio.wait_for``'s task per loop turn."""
+        if not self._wake.is_set():
+            timer = asyncio.get_running_loop().call_later(timeout, self._wake.set)
+            await self._wake.wait()
+            timer.cancel()
+        self._wake.clear()
+
     async def _wait_for_broker(self) -> bool:
         """Wait (logging why) until the broker answers and the topics exist; False if stopped first."""
         delay = 0.5
@@ -149,11 +158,7 @@ class Worker:
                     self.intake.commit(self.tracker.committable())
                     last_commit = time.monotonic()
                 self._update_gauges()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.005)
-                except asyncio.TimeoutError:
-                    pass
-                self._wake.clear()
+                await self._sleep_until_woken(0.005)
         finally:
             await self._shutdown()
         return 0
