@@ -47,8 +47,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     broker = EmbeddedBroker(port=args.port, host=args.host, storage=storage, env=env).start()
     signal.signal(signal.SIGTERM, _interrupt)
     print(broker.bootstrap, flush=True)
-    where = {"memory://tansu/": "in memory (lost when it stops)"}.get(storage, f"in {storage} "
-                                                                      f"({args.s3_endpoint or s3.endpoint})")
+    if storage.startswith("memory://"):
+        where = "in memory (lost when it stops)"
+    else:
+        where = f"in {storage} ({args.s3_endpoint or (s3.endpoint if s3 else '')})"
     print(f"tierq: broker listening, data {where}; export TIERQ_BOOTSTRAP_SERVERS={broker.bootstrap}; "
           "Ctrl-C stops it", file=sys.stderr, flush=True)
     try:

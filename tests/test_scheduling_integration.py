@@ -49,6 +49,7 @@ async def test_reserved_slots_let_a_high_burst_start_while_lows_run(settings, ba
     lows = publish(settings, topology, [request(priority="low", max_tokens=450) for _ in range(6)])
     while worker.policy.in_flight < 2:  # both low-band slots taken; the proof is in the timings below
         await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # let the admitted lows reach the engine (publish below blocks the loop)
     highs = publish(settings, topology, [request(priority="high", max_tokens=4) for _ in range(2)])
     replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=8)}
     for rid in highs:
