@@ -78,10 +78,5 @@ class ReplyWriter:
     def poll(self) -> None:
         self._producer.poll(0)
 
-    @property
-    def pending(self) -> int:
-        """Records sent but not yet acknowledged (or acknowledged, callback not yet served)."""
-        return len(self._producer)
-
     def flush(self, timeout: float) -> int:
         return self._producer.flush(timeout)

@@ -158,9 +158,7 @@ class Worker:
                     self.intake.commit(self.tracker.committable())
                     last_commit = time.monotonic()
                 self._update_gauges()
-                # an acknowledgement is awaited (an admission's attempt record, a reply): look
-                # again soon, since a free engine slot may be waiting on it
-                await self._sleep_until_woken(0.001 if self.writer.pending else 0.005)
+                await self._sleep_until_woken(0.005)
         finally:
             await self._shutdown()
         return 0
