@@ -51,6 +51,10 @@ class Buffered(NamedTuple):
     received_at: datetime
 
 
+def _tenant_caps(topology: Topology) -> dict[str, int | None]:
+    return {tenant_id: config.quotas.max_in_flight for tenant_id, config in topology.tenants.items()}
+
+
 def _source_partition(item: Pending) -> PartitionKey:
     return item.payload.tp
 
@@ -69,7 +73,7 @@ class Worker:
         self.policy = AdmissionPolicy(
             band_rules(topology.bands.items()),
             capacity=settings.max_num_seqs + settings.engine_queue,
-            tenant_caps={t: c.quotas.max_in_flight for t, c in topology.tenants.items()},
+            tenant_caps=_tenant_caps(topology),
             aging=settings.aging,
         )
         self.reloader = reloader
@@ -115,11 +119,7 @@ class Worker:
                 return True
             log.warning("waiting_for_broker", problem=problem, retry_in_s=delay,
                         bootstrap=self.settings.bootstrap_servers)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
+            await self._sleep_until_woken(delay)  # a stop request wakes it early
             delay = min(delay * 2, 10.0)
         return False
 
@@ -191,7 +191,7 @@ class Worker:
         if self.reloader is None or (topology := self.reloader.reload(self.topology)) is None:
             return
         self.topology = topology
-        self.policy.tenant_caps = {t: c.quotas.max_in_flight for t, c in topology.tenants.items()}
+        self.policy.tenant_caps = _tenant_caps(topology)
         log.info("tenants_reloaded", tenants=sorted(topology.tenants))
 
     # ---- intake ----------------------------------------------------------------------
