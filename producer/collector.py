@@ -53,7 +53,7 @@ class ResultCollector:
 
     def _assign_all(self) -> set[int]:
         """Assign every partition from the beginning; return the partition numbers."""
-        metadata = self._consumer.list_topics(self.topic, timeout=10)
+        metadata = self._consumer.list_topics(self.topic, timeout=30)
         topic_meta = metadata.topics.get(self.topic)
         if topic_meta is None or topic_meta.error is not None:
             raise RuntimeError(f"reply topic {self.topic!r} does not exist; run `tierq topics create`")

@@ -19,7 +19,8 @@ def read_topics(bootstrap: str, topics: list[str], expect: int, timeout: float =
     try:
         assignment = []
         for topic in topics:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            # generous: on 2 cores a starting vLLM engine can hold up the broker's answer
+            meta = consumer.list_topics(topic, timeout=30).topics[topic]
             assignment += [TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in meta.partitions]
         consumer.assign(assignment)
         messages: list[confluent_kafka.Message] = []

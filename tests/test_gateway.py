@@ -303,7 +303,7 @@ def _request_ids_on(settings: Settings, topic: str) -> set[str]:
     consumer = confluent_kafka.Consumer(settings.librdkafka("check", **{
         "group.id": f"check-{uuid.uuid4().hex}", "enable.partition.eof": True, "enable.auto.commit": False}))
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
         consumer.assign([confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
                          for p in meta.partitions])
         open_partitions, ids = set(meta.partitions), set()

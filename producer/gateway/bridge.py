@@ -106,9 +106,13 @@ class ReplyListener(threading.Thread):
                 continue
             partitions = []
             for topic in topics:
-                meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+                try:
+                    meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+                except confluent_kafka.KafkaException as exc:  # broker slow or away: try again
+                    log.warning("reply_topic_metadata_failed", topic=topic, error=str(exc))
+                    meta = None
                 if meta is None or meta.error is not None:
-                    log.error("reply_topic_missing", topic=topic, hint="run `tierq topics create`")
+                    log.error("reply_topic_unavailable", topic=topic, hint="does it exist? `tierq topics create`")
                     self._requests.put([topic])  # retried on the next round
                     self._stopping.wait(1.0)
                     continue
