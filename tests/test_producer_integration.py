@@ -143,3 +143,41 @@ def test_topics_create_is_idempotent(settings, topics_file, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("exists") == len(out.splitlines()) and "created" not in out
+
+
+def test_gateway_reply_listener_reads_on_while_a_reply_topic_is_missing(settings, topology):
+    """One tenant's missing reply topic must not stop the gateway reading the others'."""
+    import time
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from producer.gateway.bridge import ReplyListener
+
+    present, missing = topology.reply_topic("acme"), f"{topology.reply_topic('acme')}-later"
+    received: list[Reply] = []
+    listener = ReplyListener(settings, [present, missing], received.append, from_beginning=True)
+    listener.start()
+    try:
+        raw = __import__("confluent_kafka").Producer({"bootstrap.servers": settings.bootstrap_servers})
+
+        def reply(rid: str) -> bytes:
+            return encode(Reply(request_id=rid, tenant_id="acme", status=Status.ok, text="x"))
+
+        raw.produce(present, key=b"r1", value=reply("r1"))
+        raw.flush(10)
+        deadline = time.monotonic() + 20
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.request_id for r in received] == ["r1"], "the present topic is read although the other is missing"
+        assert listener.assigned.is_set()
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+        admin.create_topics([NewTopic(missing, 1, 1)])[missing].result(10)
+        raw.produce(missing, key=b"r2", value=reply("r2"))
+        raw.flush(10)
+        deadline = time.monotonic() + 20
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.request_id for r in received] == ["r1", "r2"], "the late topic is picked up once it exists"
+    finally:
+        listener.stop()
+        listener.join(10)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,6 +53,8 @@ class ReplyListener(threading.Thread):
         self._requests: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._requests.put(topics)
         self._assigned: set[str] = set()
+        self._retry: list[str] = []
+        self._retry_at = 0.0
         self._not_at_end: set[tuple[str, int]] = set()
         self._stopping = threading.Event()
         self.assigned = threading.Event()
@@ -67,6 +70,9 @@ class ReplyListener(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stopping.is_set():
+                if self._retry and time.monotonic() >= self._retry_at:
+                    self._requests.put(self._retry)
+                    self._retry = []
                 self._assign_pending()
                 msg = self._consumer.poll(0.1)
                 if msg is None:
@@ -96,32 +102,35 @@ class ReplyListener(threading.Thread):
             self._consumer.close()
 
     def _assign_pending(self) -> None:
+        """Assign newly requested reply topics; one that is not available yet is retried later,
+        without holding up the topics already being read."""
+        topics: set[str] = set()
         while True:
             try:
-                topics = [t for t in self._requests.get_nowait() if t not in self._assigned]
+                topics.update(t for t in self._requests.get_nowait() if t not in self._assigned)
             except queue.Empty:
-                return
-            if not topics:
-                self.assigned.set()
+                break
+        partitions, retry = [], []
+        for topic in sorted(topics):
+            try:
+                meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+            except confluent_kafka.KafkaException as exc:  # broker slow or away
+                log.warning("reply_topic_metadata_failed", topic=topic, error=str(exc))
+                meta = None
+            if meta is None or meta.error is not None:
+                log.error("reply_topic_unavailable", topic=topic, hint="does it exist? `tierq topics create`")
+                retry.append(topic)
                 continue
-            partitions = []
-            for topic in topics:
-                try:
-                    meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
-                except confluent_kafka.KafkaException as exc:  # broker slow or away: try again
-                    log.warning("reply_topic_metadata_failed", topic=topic, error=str(exc))
-                    meta = None
-                if meta is None or meta.error is not None:
-                    log.error("reply_topic_unavailable", topic=topic, hint="does it exist? `tierq topics create`")
-                    self._requests.put([topic])  # retried on the next round
-                    self._stopping.wait(1.0)
-                    continue
-                partitions += [TopicPartition(topic, p, self._start_offset) for p in meta.partitions]
-                self._not_at_end.update((topic, p) for p in meta.partitions)
-                self._assigned.add(topic)
-            if partitions:
-                self._consumer.incremental_assign(partitions)
-                log.info("reply_topics_assigned", topics=sorted({tp.topic for tp in partitions}))
+            partitions += [TopicPartition(topic, p, self._start_offset) for p in meta.partitions]
+            self._not_at_end.update((topic, p) for p in meta.partitions)
+            self._assigned.add(topic)
+        if partitions:
+            self._consumer.incremental_assign(partitions)
+            log.info("reply_topics_assigned", topics=sorted({tp.topic for tp in partitions}))
+        if retry:
+            self._retry_at = time.monotonic() + 1.0
+            self._retry = retry
+        if not retry or partitions:
             self.assigned.set()
 
 
