@@ -110,22 +110,44 @@ async def test_a_corpus_of_bad_input_never_stops_the_worker(settings, base_topol
     assert worker.fatal is None
 
 
+async def _until(predicate, what: str, timeout: float = 90.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
 async def test_rebalances_mid_run_lose_nothing(settings, base_topology, start_worker):
-    """Two workers in one group; a third joins and one leaves while requests flow."""
+    """Two workers in one group; a third joins and one leaves while requests of three tenants
+    (so several partitions carry work) flow. The group must rebalance both times and every
+    request must be answered."""
     topology = custom_topology(base_topology, settings)
     group = f"g-{uuid.uuid4().hex[:8]}"
+    tenants = ["acme", "globex", "initech"]
+    every_partition = {(t, p) for band, t in topology.pool_topics("default").items()
+                       for p in range(topology.bands[band].partitions)}
+    sent: dict[str, list[str]] = {t: [] for t in tenants}
+
+    def load(per_tenant: int) -> None:
+        docs = [request(t, "low", max_tokens=24) for _ in range(per_tenant) for t in tenants]
+        for doc, rid in zip(docs, publish(settings, topology, docs)):
+            sent[doc["tenant_id"]].append(rid)
+
     first = start_worker(topology, group_id=group, worker_id="w1")
-    start_worker(topology, group_id=group, worker_id="w2")
-    ids = publish(settings, topology, [request(priority=b, max_tokens=12) for b in ["low", "medium", "high"] * 40])
-    await collect(settings, topology, "acme", expect=10)  # work is flowing
-    start_worker(topology, group_id=group, worker_id="w3")
-    ids += publish(settings, topology, [request(max_tokens=12) for _ in range(60)])
-    await collect(settings, topology, "acme", expect=60)
-    first.request_stop()  # leaves the group: drains what it started, hands the rest over
-    ids += publish(settings, topology, [request(max_tokens=12) for _ in range(60)])
-    replies = await collect(settings, topology, "acme", expect=len(ids), timeout=240)
-    assert {r.request_id for r in replies} == set(ids), "every request answered across the rebalances"
-    assert {r.worker for r in replies} >= {"w2", "w3"}
+    second = start_worker(topology, group_id=group, worker_id="w2")
+    await _until(lambda: first.intake.assigned and second.intake.assigned, "two workers share the partitions")
+    await asyncio.to_thread(load, 40)
+    third = start_worker(topology, group_id=group, worker_id="w3")
+    await asyncio.to_thread(load, 20)
+    await _until(lambda: bool(third.intake.assigned), "the joining worker gets partitions")
+    first.request_stop()  # leaves the group: finishes what it started, hands the rest over
+    await asyncio.to_thread(load, 20)
+    await _until(lambda: second.intake.assigned | third.intake.assigned == every_partition and not first.intake.assigned,
+                 "the remaining two own every partition")
+    for tenant, ids in sent.items():
+        replies = await collect(settings, topology, tenant, expect=len(ids), timeout=240)
+        assert {r.request_id for r in replies} == set(ids), f"{tenant}: every request answered across the rebalances"
 
 
 async def test_worker_waits_for_a_broker_that_is_not_there_yet(base_topology, engine, tmp_path):
