@@ -67,6 +67,10 @@ class Intake:
     def _assigned(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self.assigned.update(keys)
+        self.paused.difference_update(keys)
+        # librdkafka keeps a partition's pause flag across revoke and re-assignment; a partition
+        # this consumer paused before must not come back silently paused
+        consumer.resume(partitions)
         log.info("partitions_assigned", partitions=sorted(keys))
 
     def _revoked(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
