@@ -89,12 +89,17 @@ def with_tenants_file(topology: Topology, path: str | Path | None) -> Topology:
     extra = read_tenants_file(path)
     if not extra:
         return topology
+    return _with_tenants(topology, extra, f"{path}: tenants do not fit the topology")
+
+
+def _with_tenants(topology: Topology, tenants: dict[str, TenantConfig], problem: str) -> Topology:
+    """``topology`` with ``tenants`` added or replaced, validated; TopologyError says ``problem``."""
     document = topology.model_dump(mode="json")
-    document["tenants"] = {**document["tenants"], **{t: c.model_dump(mode="json") for t, c in extra.items()}}
+    document["tenants"].update({t: c.model_dump(mode="json") for t, c in tenants.items()})
     try:
         return Topology.model_validate(document)
     except ValidationError as exc:
-        raise TopologyError(f"{path}: tenants do not fit the topology:\n  {describe_validation_error(exc)}") from None
+        raise TopologyError(f"{problem}:\n  {describe_validation_error(exc)}") from None
 
 
 class ApiKeys:
@@ -149,13 +154,7 @@ def rotate_key(topics_file: str | Path, tenants_file: str | Path, tenant_id: str
 
 
 def _check_and_write(topology: Topology, tenants_file: str | Path, tenants: dict[str, TenantConfig]) -> None:
-    document = topology.model_dump(mode="json")
-    document["tenants"].update({t: c.model_dump(mode="json") for t, c in tenants.items()})
-    try:
-        Topology.model_validate(document)
-    except ValidationError as exc:
-        raise TopologyError(f"{tenants_file}: the change does not fit the topology:\n  "
-                            f"{describe_validation_error(exc)}") from None
+    _with_tenants(topology, tenants, f"{tenants_file}: the change does not fit the topology")
     write_tenants_file(tenants_file, tenants)
 
 
