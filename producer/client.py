@@ -138,6 +138,7 @@ class Producer:
         conf.update(config_overrides)
         self._producer = confluent_kafka.Producer(conf)
         self._unpolled = 0
+        self._closed = False
         self._topics = {
             (pool, band): topic for pool in topology.pools for band, topic in topology.pool_topics(pool).items()
         }
@@ -254,7 +255,16 @@ class Producer:
         return self._producer.flush(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
+        """Flush, then release the client. Requests still unacknowledged after ``timeout`` fail
+        their delivery futures and raise ``DeliveryError``: none is dropped silently."""
+        if self._closed:
+            return
+        self._closed = True
         remaining = self.flush(timeout)
+        if remaining:
+            self._producer.purge()
+            self._producer.poll(0)  # their futures learn they were not delivered
+        self._producer.close()
         if remaining:
             raise DeliveryError(f"{remaining} request(s) were not acknowledged within {timeout:.0f}s")
 

@@ -34,11 +34,14 @@ class ReplyWriter:
         self.dlq_topic = dlq_topic
         self.attempts_topic = attempts_topic
         self.fatal: str | None = None
+        self._closing = False
 
     def _send(self, topic: str, key: bytes, value: bytes | None, on_durable: Callable[[], None] | None,
               headers: list[tuple[str, bytes]] | None = None) -> None:
         def delivered(err: confluent_kafka.KafkaError | None, _msg: Any) -> None:
-            if err is not None:
+            if err is not None and self._closing:
+                log.warning("dropped_at_close", topic=topic, key=key.decode(errors="replace"), error=err.str())
+            elif err is not None:
                 self.fatal = f"broker refused a record for {topic}: {err.str()}"
                 log.error("delivery_failed", topic=topic, key=key.decode(errors="replace"), error=err.str())
             elif on_durable is not None:
@@ -80,3 +83,14 @@ class ReplyWriter:
 
     def flush(self, timeout: float) -> int:
         return self._producer.flush(timeout)
+
+    def close(self) -> None:
+        """Release the client (its threads keep reconnecting otherwise). Call after ``flush``:
+        whatever is still unacknowledged is dropped, and its source offset was never committed."""
+        if self._closing:
+            return
+        self._closing = True
+        if len(self._producer):
+            self._producer.purge()
+            self._producer.poll(0)
+        self._producer.close()

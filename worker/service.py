@@ -183,8 +183,9 @@ class Worker:
         if not self.fatal:
             self.writer.flush(10)  # delivery callbacks mark the last offsets done
             self.intake.commit(self.tracker.committable(), asynchronous=False)
-        self.intake.close()
+        self.intake.close()  # may revoke partitions, which flushes the writer and commits
         self.attempts.close()
+        self.writer.close()
         log.info("worker_stopped", served=self.served, fatal=self.fatal)
 
     def _reload_tenants(self) -> None:

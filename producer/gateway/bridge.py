@@ -162,9 +162,10 @@ class KafkaBridge:
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        remaining = await asyncio.to_thread(self.producer.flush, 10)
-        if remaining:
-            log.error("requests_not_acknowledged_at_shutdown", count=remaining)
+        try:
+            await asyncio.to_thread(self.producer.close, 10)
+        except DeliveryError as exc:  # their callers already saw a failed publish
+            log.error("requests_not_acknowledged_at_shutdown", error=str(exc))
         if self._listener is not None:
             self._listener.stop()
             await asyncio.to_thread(self._listener.join, 5)
