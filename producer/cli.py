@@ -59,8 +59,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
             if storage.startswith("memory://"):
                 print(f"tierq: broker exited with status {code}; log: {broker.log_path}", file=sys.stderr)
                 return EXIT_FAILED
-            # durable storage: a crashed broker comes back on the same port with its data
-            print(f"tierq: broker exited with status {code}; restarting (log: {broker.log_path})", file=sys.stderr)
+            # durable storage: a crashed broker comes back on the same port with its data, except
+            # the last records it acknowledged before a hard crash (Tansu 0.6.0; bench.broker_restart)
+            print(f"tierq: broker exited with status {code}; restarting; records acknowledged just before "
+                  f"a crash may be lost (log: {broker.log_path})", file=sys.stderr)
             time.sleep(1)
             broker.start()
     except KeyboardInterrupt:
@@ -218,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--port", type=int, help="listen port (default: a free one)")
     broker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     broker.add_argument("--durable", action="store_true",
-                        help="keep data in a local S3 server (moto), so the broker survives restarts; "
-                             "it is restarted if it dies")
+                        help="keep data in a local S3 server (moto), so the broker survives clean restarts; "
+                             "it is restarted if it dies (a hard crash can lose the last acknowledged records)")
     broker.add_argument("--s3-endpoint", help="keep data in this S3/MinIO endpoint instead (credentials from AWS_*)")
     broker.add_argument("--bucket", default="tansu", help="S3 bucket for --durable / --s3-endpoint")
     broker.set_defaults(func=cmd_broker)
