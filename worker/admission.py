@@ -120,6 +120,8 @@ class AdmissionPolicy:
 
     def next(self, now: float) -> Pending | None:
         """Remove and return the request to start now, or None if nothing may start."""
+        if not self.waiting or self.in_flight >= self._limit[Band.high]:  # full: skip the scan
+            return None
         best, best_key, best_band = None, None, Band.low
         for item in self.waiting:
             cap = self.tenant_caps.get(item.tenant_id)

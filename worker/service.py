@@ -34,6 +34,7 @@ log = structlog.get_logger("tierq.worker")
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 COMMIT_INTERVAL_S = 0.2
+GAUGE_INTERVAL_S = 0.25  # waiting/paused/slots gauges: scanning the buffer every loop turn costs CPU
 
 
 def _ms(start: datetime | None, end: datetime | None) -> float | None:
@@ -133,7 +134,7 @@ class Worker:
         self.intake.subscribe()
         log.info("worker_started", pool=self.pool, worker=self.settings.worker_id,
                  slots=self.settings.max_num_seqs, capacity=self.policy.capacity)
-        last_commit = 0.0
+        last_commit = last_gauges = 0.0
         try:
             while True:
                 self.fatal = self.fatal or self.writer.fatal or ("engine died" if self.engine.dead else None)
@@ -143,12 +144,15 @@ class Worker:
                 if self._stop_requested_at is not None and self._drained_or_out_of_time():
                     break
                 if self._stop_requested_at is None:
-                    for msg in self.intake.poll():
+                    messages = self.intake.poll()
+                    for msg in messages:
                         self._accept(msg)
                     now = time.time()
                     self._expire(now)
                     self._admit(now)
-                    self.intake.apply_backpressure(self.policy.waiting_by(_source_partition), self.settings.prefetch)
+                    if messages or self.intake.paused:  # buffers only grow on intake, only shrink to resume
+                        self.intake.apply_backpressure(self.policy.waiting_by(_source_partition),
+                                                       self.settings.prefetch)
                 else:
                     self.intake.poll(0)  # keep the group membership alive while draining
                 self._reload_tenants()
@@ -157,7 +161,9 @@ class Worker:
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     self.intake.commit(self.tracker.committable())
                     last_commit = time.monotonic()
-                self._update_gauges()
+                if time.monotonic() - last_gauges >= GAUGE_INTERVAL_S:
+                    self._update_gauges()
+                    last_gauges = time.monotonic()
                 await self._sleep_until_woken(0.005)
         finally:
             await self._shutdown()
