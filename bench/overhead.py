@@ -1,6 +1,11 @@
 """Overhead of the Kafka path: N requests through producer -> Kafka -> worker -> reply topic,
 against the same prompts submitted straight into the same engine, in the same run.
 
+Both sides may keep the same number of requests in the engine (slots + engine queue). The
+shipped topics.yaml reserves 3 slots for high and medium work, which a low-only workload
+cannot use; that is the price of priority isolation, not of the Kafka path, so this bench
+zeroes the reservations unless ``--keep-reserved`` is given (then it measures both costs).
+
     .venv/bin/python -m bench.overhead --requests 1000 --out bench/results/overhead-cpu.json
 """
 
@@ -22,7 +27,7 @@ from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.messages import Request, utc_now
 from schemas.logs import configure
-from schemas.topology import load_topology
+from schemas.topology import Topology, load_topology
 from worker.engine import Engine, EngineConfig
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -76,6 +81,24 @@ async def through_kafka(settings: WorkerSettings, topology, engine: Engine, docs
 engine_slots_plus_queue = 18
 
 
+def cpu_seconds(broker: EmbeddedBroker) -> dict[str, float]:
+    """CPU time so far of this process, of the engine's processes and of the broker."""
+    import psutil  # a vLLM dependency
+
+    def used(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return times.user + times.system
+
+    me = psutil.Process()
+    broker_pid = broker.pid
+    children = [c for c in me.children(recursive=True) if c.pid != broker_pid]
+    return {"client": used(me), "engine": sum(used(c) for c in children),
+            "broker": used(psutil.Process(broker_pid)) if broker_pid else 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1000)
@@ -83,11 +106,12 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--engine-queue", type=int, default=None, help="worker engine_queue (default: the setting's)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of direct-then-tierq; the median is reported")
+    parser.add_argument("--keep-reserved", action="store_true",
+                        help="keep topics.yaml's reserved slots (low work then gets fewer engine slots than direct)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
     configure(level="WARNING")
     global engine_slots_plus_queue
-    engine_slots_plus_queue = args.slots + 2
     model = str(make_tiny_model(Path(".tierq/tiny-model")))
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
                                        extra={"enforce_eager": True}))
@@ -96,20 +120,28 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}
         settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots, **extra)
+        engine_slots_plus_queue = args.slots + settings.engine_queue  # the worker's capacity
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(direct(engine, docs[:50]))  # warm-up
             for round_ in range(args.repeat):  # alternate, so drift hits both sides alike
                 topology = load_topology("topics.yaml").with_topic_prefix(f"overhead{round_}-{uuid.uuid4().hex[:6]}")
+                if not args.keep_reserved:
+                    document = topology.model_dump(mode="json")
+                    for band in document["bands"].values():
+                        band["reserved_slots"] = 0
+                    topology = Topology.model_validate(document)
                 create_topics(settings, topology)
-                cpu = time.process_time()
+                before = cpu_seconds(broker)
                 direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs))
-                direct_cpu, cpu = time.process_time() - cpu, time.process_time()
+                middle = cpu_seconds(broker)
                 kafka_s, kafka_tokens = loop.run_until_complete(through_kafka(settings, topology, engine, docs))
-                kafka_cpu = time.process_time() - cpu
+                after = cpu_seconds(broker)
+                direct_cpu = {k: round(middle[k] - before[k], 3) for k in before}
+                kafka_cpu = {k: round(after[k] - middle[k], 3) for k in before}
                 rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
                                "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
-                               "direct_cpu_s": round(direct_cpu, 3), "tierq_cpu_s": round(kafka_cpu, 3),
+                               "direct_cpu_s": direct_cpu, "tierq_cpu_s": kafka_cpu,
                                "ratio": round(direct_s / kafka_s, 3)})
                 print(rounds[-1], flush=True)
         finally:
@@ -120,6 +152,7 @@ def main() -> None:
     result = {
         "bench": "overhead", "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs",
         "requests": n, "max_tokens": args.max_tokens, "slots": args.slots, "engine_queue": settings.engine_queue,
+        "reserved_slots": "topics.yaml" if args.keep_reserved else 0,
         "median_round": {
             "direct": {"req_per_s": round(n / best["direct_s"], 1),
                        "tokens_per_s": round(best["direct_tokens"] / best["direct_s"], 1)},
@@ -127,10 +160,12 @@ def main() -> None:
                       "tokens_per_s": round(best["tierq_tokens"] / best["tierq_s"], 1)},
             "ratio_req_per_s": best["ratio"],
         },
-        # CPU time of this process per request: the engine client, plus for tierq the worker,
-        # producer and result collector (the engine core runs in its own process)
-        "extra_cpu_ms_per_request": round(statistics.median(
-            (r["tierq_cpu_s"] - r["direct_cpu_s"]) * 1000 / n for r in rounds), 3),
+        # CPU seconds per phase: "client" = this process (engine client; for tierq also the worker,
+        # producer and collector), "engine" = vLLM's engine core and model processes, "broker"
+        "extra_cpu_ms_per_request": {
+            part: round(statistics.median((r["tierq_cpu_s"][part] - r["direct_cpu_s"][part]) * 1000 / n
+                                          for r in rounds), 3)
+            for part in ("client", "engine", "broker")},
         "rounds": rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,11 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process id while it runs (for resource accounting)."""
+        return self._process.pid if self.running else None
+
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         command = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
