@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import uuid
 import time
 from pathlib import Path
+from typing import Any
 
 from producer.admin import create_topics
 from producer.broker import EmbeddedBroker
@@ -27,6 +29,7 @@ from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.messages import Request, utc_now
 from schemas.logs import configure
+from schemas.settings import Settings
 from schemas.topology import Topology, load_topology
 from worker.engine import Engine, EngineConfig
 from worker.service import Worker
@@ -56,26 +59,50 @@ async def direct(engine: Engine, docs: list[dict]) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-async def through_kafka(settings: WorkerSettings, topology, engine: Engine, docs: list[dict]) -> tuple[float, int]:
-    worker = Worker(settings, topology, engine)
-    serving = asyncio.create_task(worker.run())
-    while not worker.intake.assigned:
-        await asyncio.sleep(0.05)
-    start = time.perf_counter()
-    with Producer(settings, topology, on_quota="off") as producer:
+def _load(bootstrap: str, topology_doc: dict, docs: list[dict], ready: Any, go: Any, results: Any) -> None:
+    """The producer and the result collector, in their own process so that the worker's CPU is
+    measured alone: publish every request, then read every reply; report time and own CPU."""
+    settings = Settings(_env_file=None, bootstrap_servers=bootstrap)
+    topology = Topology.model_validate(topology_doc)
+    with Producer(settings, topology, on_quota="off") as producer, \
+            ResultCollector(settings, topology, "acme") as collector:
+        producer.connect()
+        ready.set()
+        go.wait()
+        cpu, start = time.process_time(), time.perf_counter()
         for doc in docs:
             producer.submit(doc)
+        producer.flush(120)
+        replies = list(collector.replies(expect=len(docs), timeout=900))
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+    results.put((elapsed, len(replies), sum(r.usage.completion_tokens for r in replies), cpu))
 
-    def collect() -> list:
-        with ResultCollector(settings, topology, "acme") as collector:
-            return list(collector.replies(expect=len(docs), timeout=900))
 
-    replies = await asyncio.to_thread(collect)
-    elapsed = time.perf_counter() - start
+async def through_kafka(settings: WorkerSettings, topology: Topology, engine: Engine, docs: list[dict],
+                        broker: EmbeddedBroker) -> tuple[float, int, dict[str, float]]:
+    """Requests through Kafka and the worker; returns (seconds, output tokens, CPU seconds by part),
+    CPU counted from the first request on (not the worker's start and group join)."""
+    worker = Worker(settings, topology, engine)
+    serving = asyncio.create_task(worker.run())
+    spawn = multiprocessing.get_context("spawn")
+    ready, go, results = spawn.Event(), spawn.Event(), spawn.Queue()
+    load = spawn.Process(target=_load, args=(settings.bootstrap_servers, topology.model_dump(mode="json"), docs,
+                                             ready, go, results), daemon=True)
+    load.start()
+    while not (worker.intake.assigned and ready.is_set()):
+        assert load.is_alive(), "the load process died"
+        await asyncio.sleep(0.05)
+    before = cpu_seconds(broker)
+    go.set()
+    elapsed, answered, tokens, load_cpu = await asyncio.to_thread(results.get, True, 900)
+    after = cpu_seconds(broker)
+    load.join(30)
     worker.request_stop()
     await serving
-    assert len(replies) == len(docs), f"only {len(replies)} of {len(docs)} replies"
-    return elapsed, sum(r.usage.completion_tokens for r in replies)
+    assert answered == len(docs), f"only {answered} of {len(docs)} replies"
+    cpu = {part: round(after[part] - before[part], 3) for part in before}
+    return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}
 
 
 engine_slots_plus_queue = 18
@@ -134,11 +161,10 @@ def main() -> None:
                 create_topics(settings, topology)
                 before = cpu_seconds(broker)
                 direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs))
-                middle = cpu_seconds(broker)
-                kafka_s, kafka_tokens = loop.run_until_complete(through_kafka(settings, topology, engine, docs))
                 after = cpu_seconds(broker)
-                direct_cpu = {k: round(middle[k] - before[k], 3) for k in before}
-                kafka_cpu = {k: round(after[k] - middle[k], 3) for k in before}
+                direct_cpu = {part: round(after[part] - before[part], 3) for part in before}
+                kafka_s, kafka_tokens, kafka_cpu = loop.run_until_complete(
+                    through_kafka(settings, topology, engine, docs, broker))
                 rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
                                "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
                                "direct_cpu_s": direct_cpu, "tierq_cpu_s": kafka_cpu,
@@ -160,12 +186,14 @@ def main() -> None:
                       "tokens_per_s": round(best["tierq_tokens"] / best["tierq_s"], 1)},
             "ratio_req_per_s": best["ratio"],
         },
-        # CPU seconds per phase: "client" = this process (engine client; for tierq also the worker,
-        # producer and collector), "engine" = vLLM's engine core and model processes, "broker"
+        # CPU seconds per phase: "client" = this process (the engine client; for tierq also the
+        # worker), "engine" = vLLM's engine core and model processes, "broker"; the producer and
+        # collector run in a process of their own ("load", reported for tierq only)
         "extra_cpu_ms_per_request": {
             part: round(statistics.median((r["tierq_cpu_s"][part] - r["direct_cpu_s"][part]) * 1000 / n
                                           for r in rounds), 3)
             for part in ("client", "engine", "broker")},
+        "load_cpu_ms_per_request": round(statistics.median(r["tierq_cpu_s"]["load"] * 1000 / n for r in rounds), 3),
         "rounds": rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
