@@ -25,6 +25,10 @@ from schemas.topology import Topology, load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The engine fixtures (one vLLM engine for the whole session) are registered here, once. Importing
+# them into test modules instead would give every module its own "session" engine.
+pytest_plugins = ["tests.worker_fixtures"]
+
 
 def docker_engine_available() -> bool:
     if shutil.which("docker") is None:

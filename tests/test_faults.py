@@ -21,9 +21,7 @@ from schemas.messages import Band, ErrorCode, Status, utc_now
 from schemas.settings import Settings
 from tests.conftest import isolated_topology
 from tests.kafka_helpers import read_topics
-from tests.worker_fixtures import (  # noqa: F401  (fixtures)
-    collect, custom_topology, engine, publish, request, spawn_worker, start_worker, tiny_model,
-)
+from tests.worker_fixtures import collect, custom_topology, publish, request, spawn_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 

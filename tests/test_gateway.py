@@ -31,7 +31,7 @@ from schemas.settings import Settings
 from schemas.tenants import hash_api_key, new_api_key
 from schemas.topology import Topology
 from tests.conftest import isolated_topology
-from tests.worker_fixtures import collect, engine, spawn_worker, tiny_model  # noqa: F401  (fixtures)
+from tests.worker_fixtures import collect, spawn_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 

@@ -19,7 +19,7 @@ import pytest
 from producer.admin import create_topics
 from schemas.topology import Topology
 from tests.conftest import isolated_topology
-from tests.worker_fixtures import collect, publish, request, tiny_model  # noqa: F401  (fixtures)
+from tests.worker_fixtures import publish, request
 from worker import launcher
 from worker.launcher import Supervisor, WorkerSpec, cpu_devices
 

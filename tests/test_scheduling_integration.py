@@ -8,9 +8,7 @@ import statistics
 import pytest
 
 from schemas.messages import Band
-from tests.worker_fixtures import (  # noqa: F401  (fixtures)
-    ENGINE_SLOTS, collect, custom_topology, engine, publish, request, start_worker, tiny_model,
-)
+from tests.worker_fixtures import ENGINE_SLOTS, collect, custom_topology, publish, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 

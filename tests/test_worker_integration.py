@@ -10,9 +10,7 @@ import pytest
 
 from schemas.messages import Band, ErrorCode, Status, utc_now
 from tests.kafka_helpers import read_topics
-from tests.worker_fixtures import (  # noqa: F401  (fixtures)
-    collect, custom_topology, engine, publish, request, start_worker, tiny_model,
-)
+from tests.worker_fixtures import collect, custom_topology, publish, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
