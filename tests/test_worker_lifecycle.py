@@ -21,10 +21,8 @@ import pytest
 import yaml
 
 from schemas.codec import decode_reply
-from tests.kafka_helpers import read_topics
-from tests.worker_fixtures import (  # noqa: F401  (fixtures)
-    custom_topology, engine, publish, request, start_worker, tiny_model,
-)
+from tests.kafka_helpers import read_to_end
+from tests.worker_fixtures import custom_topology, publish, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -43,8 +41,8 @@ def spawn_worker(settings, topics_path, model, group, name, log_path):
     return process
 
 
-def replies_by_id(settings, topology, expect, timeout=2.0):
-    messages = read_topics(settings.bootstrap_servers, [topology.reply_topic("acme")], expect=expect, timeout=timeout)
+def replies_by_id(settings, topology):
+    messages = read_to_end(settings.bootstrap_servers, [topology.reply_topic("acme")])
     seen = defaultdict(list)
     for msg in messages:
         reply = decode_reply(msg.value())
@@ -57,7 +55,7 @@ async def wait_for_replies_from(settings, topology, worker_name, at_least, proce
     end = loop.time() + timeout
     while loop.time() < end:
         assert process.poll() is None, f"worker {worker_name} exited early with {process.returncode}"
-        seen = await asyncio.to_thread(replies_by_id, settings, topology, 10_000, 1.0)
+        seen = await asyncio.to_thread(replies_by_id, settings, topology)
         if sum(worker_name in workers for workers in seen.values()) >= at_least:
             return
         await asyncio.sleep(0.5)
@@ -79,7 +77,7 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
         assert await asyncio.to_thread(a.wait, 60) == 0, (tmp_path / "a.log").read_text()[-3000:]
     finally:
         a.kill()
-    answered_by_a = {rid for rid, w in replies_by_id(settings, topology, len(ids)).items() if "A" in w}
+    answered_by_a = {rid for rid, w in replies_by_id(settings, topology).items() if "A" in w}
 
     b = spawn_worker(settings, topics_path, tiny_model, group, "B", tmp_path / "b.log")
     try:
@@ -93,7 +91,7 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
     loop = asyncio.get_running_loop()
     end = loop.time() + 240
     while loop.time() < end:
-        seen = await asyncio.to_thread(replies_by_id, settings, topology, 2 * len(ids), 2.0)
+        seen = await asyncio.to_thread(replies_by_id, settings, topology)
         if len(seen) == len(ids):
             break
         await asyncio.sleep(1)
