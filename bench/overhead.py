@@ -18,19 +18,18 @@ import multiprocessing
 import os
 import platform
 import statistics
-import uuid
 import time
 from pathlib import Path
 from typing import Any
 
-from producer.admin import create_topics
+from bench.common import topology
 from producer.broker import EmbeddedBroker
 from producer.client import Producer
 from producer.collector import ResultCollector
-from schemas.messages import Request, utc_now
 from schemas.logs import configure
+from schemas.messages import Request, utc_now
 from schemas.settings import Settings
-from schemas.topology import Topology, load_topology
+from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -42,10 +41,11 @@ def documents(n: int, max_tokens: int) -> list[dict]:
              "params": {"max_tokens": max_tokens, "temperature": 0.0}} for i in range(n)]
 
 
-async def direct(engine: Engine, docs: list[dict]) -> tuple[float, int]:
+async def direct(engine: Engine, docs: list[dict], concurrency: int) -> tuple[float, int]:
+    """The same prompts straight into the engine, at most ``concurrency`` (the worker's capacity) at once."""
     requests = [Request.model_validate({**d, "request_id": f"direct-{i}", "submitted_at": utc_now()})
                 for i, d in enumerate(docs)]
-    sem = asyncio.Semaphore(engine_slots_plus_queue)
+    sem = asyncio.Semaphore(concurrency)
     tokens = 0
 
     async def one(request: Request) -> None:
@@ -105,9 +105,6 @@ async def through_kafka(settings: WorkerSettings, topology: Topology, engine: En
     return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}
 
 
-engine_slots_plus_queue = 18
-
-
 def cpu_seconds(broker: EmbeddedBroker) -> dict[str, float]:
     """CPU time so far of this process, of the engine's processes and of the broker."""
     import psutil  # a vLLM dependency
@@ -138,7 +135,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
     configure(level="WARNING")
-    global engine_slots_plus_queue
     model = str(make_tiny_model(Path(".tierq/tiny-model")))
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
                                        extra={"enforce_eager": True}))
@@ -147,24 +143,20 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}
         settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots, **extra)
-        engine_slots_plus_queue = args.slots + settings.engine_queue  # the worker's capacity
+        capacity = args.slots + settings.engine_queue  # what the worker may keep in the engine
+        # reservations kept free for high/medium work are not the Kafka path's cost (see above)
+        band_changes = {} if args.keep_reserved else {b: {"reserved_slots": 0} for b in ("high", "medium", "low")}
         loop = asyncio.new_event_loop()
         try:
-            loop.run_until_complete(direct(engine, docs[:50]))  # warm-up
+            loop.run_until_complete(direct(engine, docs[:50], capacity))  # warm-up
             for round_ in range(args.repeat):  # alternate, so drift hits both sides alike
-                topology = load_topology("topics.yaml").with_topic_prefix(f"overhead{round_}-{uuid.uuid4().hex[:6]}")
-                if not args.keep_reserved:
-                    document = topology.model_dump(mode="json")
-                    for band in document["bands"].values():
-                        band["reserved_slots"] = 0
-                    topology = Topology.model_validate(document)
-                create_topics(settings, topology)
+                topo = topology(broker.bootstrap, **band_changes)  # fresh topics each round
                 before = cpu_seconds(broker)
-                direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs))
+                direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs, capacity))
                 after = cpu_seconds(broker)
                 direct_cpu = {part: round(after[part] - before[part], 3) for part in before}
                 kafka_s, kafka_tokens, kafka_cpu = loop.run_until_complete(
-                    through_kafka(settings, topology, engine, docs, broker))
+                    through_kafka(settings, topo, engine, docs, broker))
                 rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
                                "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
                                "direct_cpu_s": direct_cpu, "tierq_cpu_s": kafka_cpu,
