@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,33 @@ def test_a_killed_worker_is_restarted_and_the_others_are_untouched(tmp_path, mon
         supervisor.stop()
         wait_until(lambda: not supervisor.step())
     assert all(r.process is None for r in supervisor.workers)
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (killed, not yet reaped by init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_workers_leftover_processes_are_reaped(tmp_path):
+    """vLLM's engine processes outlive a worker killed with SIGKILL; the supervisor kills the
+    worker's whole process group so they do not keep the device's memory."""
+    pid_file = tmp_path / "grandchild.pid"
+    child = [sys.executable, "-c",
+             "import subprocess, sys, time; p = subprocess.Popen(['sleep', '600']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(600)"]
+    supervisor = Supervisor(specs(1), {}, tmp_path / "workers.json", command=child)
+    supervisor.start()
+    try:
+        grandchild = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+        os.kill(supervisor.workers[0].process.pid, signal.SIGKILL)
+        wait_until(lambda: supervisor.step() and supervisor.workers[0].process is None)
+        wait_until(lambda: _gone(grandchild))
+    finally:
+        supervisor.stop()
+        supervisor.kill_all()
 
 
 def test_backoff_doubles_for_a_crash_loop(tmp_path, monkeypatch):

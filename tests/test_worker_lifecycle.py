@@ -35,10 +35,19 @@ def spawn_worker(settings, topics_path, model, group, name, log_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "worker", "--bootstrap", settings.bootstrap_servers,
          "--topics", str(topics_path), "--model", model, "--max-num-seqs", "4"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     log.close()
     return process
+
+
+def kill_group(process):
+    """SIGKILL the worker and vLLM's engine processes, which outlive a worker killed alone."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def replies_by_id(settings, topology):
@@ -76,7 +85,7 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
         a.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(a.wait, 60) == 0, (tmp_path / "a.log").read_text()[-3000:]
     finally:
-        a.kill()
+        kill_group(a)
     answered_by_a = {rid for rid, w in replies_by_id(settings, topology).items() if "A" in w}
 
     b = spawn_worker(settings, topics_path, tiny_model, group, "B", tmp_path / "b.log")
@@ -85,7 +94,7 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
         b.send_signal(signal.SIGKILL)
         await asyncio.to_thread(b.wait, 30)
     finally:
-        b.kill()
+        kill_group(b)
 
     start_worker(topology, group_id=group, worker_id="C")
     loop = asyncio.get_running_loop()

@@ -123,6 +123,15 @@ class Running:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a worker's process group. A worker that dies hard (SIGKILL, OOM)
+    leaves vLLM's engine-core and model processes behind, holding the device's memory."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class Supervisor:
     """Runs and restarts one worker process per spec."""
 
@@ -146,8 +155,9 @@ class Supervisor:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stdout = open(self.log_dir / f"worker-{running.spec.name}.log", "ab")
+        # own process group: vLLM's engine processes join it, so they can be reaped with the worker
         running.process = subprocess.Popen(self.command, env=env, stdout=stdout, stderr=subprocess.STDOUT
-                                           if stdout else None, preexec_fn=die_with_parent)
+                                           if stdout else None, preexec_fn=die_with_parent, start_new_session=True)
         if stdout is not None:
             stdout.close()
         running.started_at = time.monotonic()
@@ -170,6 +180,7 @@ class Supervisor:
         for running in self.workers:
             process = running.process
             if process is not None and process.poll() is not None:
+                _kill_group(process.pid)
                 code = process.returncode
                 ran = now - running.started_at
                 running.history.append({"pid": process.pid, "exit": code, "ran_s": round(ran, 1)})
@@ -195,8 +206,8 @@ class Supervisor:
 
     def kill_all(self) -> None:
         for running in self.workers:
-            if running.process is not None and running.process.poll() is None:
-                running.process.kill()
+            if running.process is not None:
+                _kill_group(running.process.pid)
 
     def _write_state(self) -> None:
         state = {
