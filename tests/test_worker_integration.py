@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import confluent_kafka
@@ -9,8 +10,9 @@ import orjson
 import pytest
 
 from schemas.messages import Band, ErrorCode, Status, utc_now
-from tests.kafka_helpers import read_topics
-from tests.worker_fixtures import collect, custom_topology, publish, request
+from tests.kafka_helpers import read_to_end, read_topics
+from worker.attempts import marker_key
+from tests.worker_fixtures import collect, custom_topology, publish, request, spawn_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -102,3 +104,58 @@ async def test_request_at_its_attempt_limit_is_answered_with_engine_error(settin
     ok_low = REGISTRY.get_sample_value("tierq_replies_total", {"band": "low", "status": "ok", "tenant": "acme"})
     assert ok_low is not None and ok_low >= 1
     assert REGISTRY.get_sample_value("tierq_queue_seconds_count", {"band": "low"}) >= 1
+
+
+def leave_marker(settings, topology, group: str, held_to: int) -> None:
+    """What a worker that died holding offsets 0..held_to of the low topic leaves behind."""
+    low_topic = topology.band_topic("default", Band.low)
+    raw = confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for partition in range(topology.bands[Band.low].partitions):
+        raw.produce(topology.attempts.topic, key=marker_key(group, (low_topic, partition)).encode(),
+                    value=orjson.dumps({"held_to": held_to}))
+    raw.flush(10)
+
+
+def attempts_records(settings, topology) -> list[tuple[str, dict | None]]:
+    return [(m.key().decode(), None if m.value() is None else orjson.loads(m.value()))
+            for m in read_to_end(settings.bootstrap_servers, [topology.attempts.topic])]
+
+
+async def test_requests_a_dead_worker_held_are_counted_once_and_the_rest_are_not(settings, base_topology, engine):
+    """Offsets up to a dead predecessor's held-to marker are suspects: attempt 2, counted by request_id
+    (count, then tombstone); later offsets are covered by this worker's own markers (attempt 1)."""
+    topology = custom_topology(base_topology, settings)
+    group = "g-suspects"
+    leave_marker(settings, topology, group, held_to=2)
+    ids = publish(settings, topology, [request() for _ in range(6)])  # one tenant: one partition, offsets 0-5
+    worker, task = spawn_worker(engine, settings.bootstrap_servers, topology, group_id=group, max_attempts=2)
+    try:
+        replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=6)}
+    finally:
+        worker.request_stop()  # a clean stop puts back the marker it inherited
+        assert await asyncio.wait_for(task, 60) == 0
+    assert [replies[rid].status for rid in ids] == [Status.ok] * 6
+    assert [replies[rid].attempt for rid in ids] == [2, 2, 2, 1, 1, 1]
+
+    by_key: dict[str, list] = {}
+    for key, value in attempts_records(settings, topology):
+        by_key.setdefault(key, []).append(value)
+    assert {key: values for key, values in by_key.items() if not key.startswith("held/")} == \
+        {rid: [{"attempts": 2}, None] for rid in ids[:3]}
+    low_topic = topology.band_topic("default", Band.low)
+    last_markers = {key: values[-1]["held_to"] for key, values in by_key.items()
+                    if key.startswith(f"held/{group}/{low_topic}/")}
+    assert len(last_markers) == topology.bands[Band.low].partitions and set(last_markers.values()) == {2}
+
+
+async def test_a_request_a_dead_worker_held_is_given_up_at_the_attempt_limit(settings, base_topology,
+                                                                           start_worker):
+    topology = custom_topology(base_topology, settings)
+    group = "g-poison"
+    leave_marker(settings, topology, group, held_to=0)
+    ids = publish(settings, topology, [request() for _ in range(3)])
+    start_worker(topology, group_id=group, max_attempts=1)
+    replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=3)}
+    assert replies[ids[0]].error.code is ErrorCode.engine_error
+    assert "after 1 engine attempts" in replies[ids[0]].error.message
+    assert [replies[rid].status for rid in ids[1:]] == [Status.ok, Status.ok]

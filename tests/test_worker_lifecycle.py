@@ -4,7 +4,8 @@ One scenario, three workers in one consumer group, so the engine starts only twi
 A is stopped with SIGTERM mid-run, B is killed with SIGKILL mid-run, C (in-process, on the
 shared engine) finishes. Every request must be answered; a request answered twice must
 have one answer from B (it was in flight, uncommitted, when B died); nothing A answered
-is answered again (A committed everything it finished).
+is answered again (A committed everything it finished). C counts what B held as attempted
+once (B's held-to marker), and nothing A held (A released its partitions cleanly).
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def kill_group(process):
     process.wait()
 
 
-def replies_by_id(settings, topology):
+def replies_by_id(settings, topology, attempts=False):
+    """request_id -> the workers that answered it (with ``attempts``: (worker, attempt) pairs)."""
     messages = read_to_end(settings.bootstrap_servers, [topology.reply_topic("acme")])
     seen = defaultdict(list)
     for msg in messages:
         reply = decode_reply(msg.value())
-        seen[reply.request_id].append(reply.worker)
+        seen[reply.request_id].append((reply.worker, reply.attempt) if attempts else reply.worker)
     return seen
 
 
@@ -113,3 +115,11 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
             assert "B" in workers, f"{rid} answered twice without a crash in between: {workers}"
         if rid in answered_by_a:
             assert workers == ["A"], f"{rid} was answered by A (committed) and again by {workers}"
+    # attempts: A stopped cleanly, so B inherited no suspects; what B held when it died is C's
+    # second attempt (B's held-to marker covered it before B's engine saw it)
+    for rid, answers in replies_by_id(settings, topology, attempts=True).items():
+        for worker, attempt in answers:
+            if worker in ("A", "B"):
+                assert attempt == 1, (rid, answers)
+        if [w for w, _ in answers] == ["B", "C"]:
+            assert answers[1][1] == 2, (rid, answers)

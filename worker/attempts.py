@@ -1,15 +1,31 @@
-"""Durable attempt counts per request_id, read from the compacted attempts topic.
+"""Poison-request guard: durable engine-attempt counts, cheap on the common path.
 
-Before the engine sees a request, the worker writes ``attempts + 1`` for it and waits for
-the broker's acknowledgement; after the reply is durable it writes a tombstone. A request
-that kills the engine is therefore counted even though its worker died, and every worker
-of the pool reads the counts back (this ledger follows the whole topic continuously).
+A request that kills the engine kills its worker, and is delivered again to the next one;
+without a durable count it would crash the pool forever. Counting every request before the
+engine sees it would cost two records per request and a broker round trip in front of the
+engine, so the compacted attempts topic holds two kinds of records:
+
+- a *held-to marker* per (consumer group, source partition): before the engine sees a
+  request, a marker at or past its offset is durable, meaning "the owner of this partition
+  may have started requests up to here". One marker covers a whole fetched batch. A clean
+  release (rebalance, shutdown) puts back the marker it inherited, so only a worker that
+  dies, or loses its partitions, leaves a marker past its committed offset.
+- a *count* per request_id, for *suspects* only: requests at or below the marker a worker
+  found when it was assigned the partition (its predecessor may have started them: one
+  attempt), and requests that already have a count. A suspect's count is written and
+  acknowledged before the engine sees it, and tombstoned once its reply is durable.
+
+Every worker of the pool reads the topic continuously; on assignment it reads it to the end
+first, so it sees the marker its predecessor left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import confluent_kafka
 import orjson
@@ -17,16 +33,34 @@ from confluent_kafka import TopicPartition
 
 from schemas.settings import Settings
 
+PartitionKey = tuple[str, int]
+
+#: Request ids cannot contain "/" (schemas.messages.REQUEST_ID_PATTERN), so marker keys never collide.
+MARKER_PREFIX = "held/"
+NOTHING_HELD = -1
+
+
+def marker_key(group_id: str, tp: PartitionKey) -> str:
+    return f"{MARKER_PREFIX}{group_id}/{tp[0]}/{tp[1]}"
+
 
 class AttemptsLedger:
-    def __init__(self, settings: Settings, topic: str):
+    """What the attempts topic says: counts per request_id, and this group's held-to markers."""
+
+    def __init__(self, settings: Settings, topic: str, group_id: str):
         self.topic = topic
+        self.group_id = group_id
         self.counts: dict[str, int] = {}
+        self.markers: dict[PartitionKey, int] = {}
+        #: per assigned partition: offsets up to here may have been started by a worker that died
+        self.suspect_to: dict[PartitionKey, int] = {}
+        self._marker_prefix = f"{MARKER_PREFIX}{group_id}/"
         self._consumer = confluent_kafka.Consumer(settings.librdkafka("worker-attempts", **{
             "group.id": f"tierq-attempts-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }))
+        self._partitions: list[int] = []
         self._not_loaded: set[int] = set()
         self.connected = False
 
@@ -38,9 +72,10 @@ class AttemptsLedger:
             return f"broker unreachable: {exc.args[0].str() if exc.args else exc}"
         if metadata is None or metadata.error is not None:
             return f"attempts topic {self.topic!r} does not exist yet; run `tierq topics create`"
-        self._not_loaded = set(metadata.partitions)
+        self._partitions = sorted(metadata.partitions)
+        self._not_loaded = set(self._partitions)
         self._consumer.assign([TopicPartition(self.topic, p, confluent_kafka.OFFSET_BEGINNING)
-                               for p in metadata.partitions])
+                               for p in self._partitions])
         self.connected = True
         return None
 
@@ -50,6 +85,21 @@ class AttemptsLedger:
         while self._not_loaded and time.monotonic() < deadline:
             self.poll(0.2)
 
+    def catch_up(self, timeout: float = 30.0) -> bool:
+        """Read everything written before now (a predecessor's last marker); False if that timed out."""
+        deadline = time.monotonic() + timeout
+        try:
+            ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout,
+                                                            cached=False)[1] for p in self._partitions}
+        except confluent_kafka.KafkaException:
+            return False
+        while time.monotonic() < deadline:
+            positions = self._consumer.position([TopicPartition(self.topic, p) for p in self._partitions])
+            if all(tp.offset >= ends[tp.partition] or ends[tp.partition] <= 0 for tp in positions):
+                return True
+            self.poll(0.05)
+        return False
+
     def poll(self, timeout: float = 0) -> None:
         for msg in self._consumer.consume(num_messages=500, timeout=timeout):
             error = msg.error()
@@ -57,17 +107,112 @@ class AttemptsLedger:
                 if error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
                     self._not_loaded.discard(msg.partition())
                 continue
-            request_id = msg.key().decode(errors="replace")
-            if msg.value() is None:
-                self.counts.pop(request_id, None)
+            key = (msg.key() or b"").decode(errors="replace")
+            value = msg.value()
+            if key.startswith(MARKER_PREFIX):
+                self._read_marker(key, value)
+            elif value is None:
+                self.counts.pop(key, None)
             else:
                 try:
-                    self.counts[request_id] = max(self.counts.get(request_id, 0), int(orjson.loads(msg.value())["attempts"]))
+                    self.counts[key] = max(self.counts.get(key, 0), int(orjson.loads(value)["attempts"]))
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue
 
-    def get(self, request_id: str) -> int:
-        return self.counts.get(request_id, 0)
+    def _read_marker(self, key: str, value: bytes | None) -> None:
+        if not key.startswith(self._marker_prefix):
+            return  # another consumer group's partitions
+        topic, _, partition = key[len(self._marker_prefix):].rpartition("/")
+        try:
+            tp = (topic, int(partition))
+            self.markers[tp] = NOTHING_HELD if value is None else int(orjson.loads(value)["held_to"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
+
+    # ---- what a request's attempt is -------------------------------------------------
+
+    def assigned(self, partitions: Iterable[PartitionKey]) -> bool:
+        """Take over partitions: offsets up to their markers are suspects. False: the topic could
+        not be read to its end, so a predecessor's marker may be unknown (not safe to serve)."""
+        if not self.catch_up():
+            return False
+        for tp in partitions:
+            self.suspect_to[tp] = self.markers.get(tp, NOTHING_HELD)
+        return True
+
+    def released(self, partitions: Iterable[PartitionKey]) -> None:
+        for tp in partitions:
+            self.suspect_to.pop(tp, None)
+
+    def counted(self, request_id: str, tp: PartitionKey, offset: int) -> bool:
+        """Whether this request is counted by request_id (a suspect) rather than covered by a marker."""
+        return request_id in self.counts or offset <= self.suspect_to.get(tp, NOTHING_HELD)
+
+    def prior_attempts(self, request_id: str, tp: PartitionKey, offset: int) -> int:
+        """Engine attempts this request has had so far, as far as anyone can know."""
+        if request_id in self.counts:
+            return self.counts[request_id]
+        return 1 if offset <= self.suspect_to.get(tp, NOTHING_HELD) else 0
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class MarkerWriter(Protocol):
+    """What ``HeldMarkers`` needs of ``worker.replies.ReplyWriter``."""
+
+    def mark_held(self, key: str, offset: int, on_durable: Callable[[], None] | None = None) -> None: ...
+
+
+class HeldMarkers:
+    """This worker's held-to markers: written when requests are fetched, so that by the time
+    one reaches the engine its marker is usually durable already; awaited only when not."""
+
+    def __init__(self, writer: MarkerWriter, group_id: str):
+        self._writer = writer
+        self._group_id = group_id
+        self._issued: dict[PartitionKey, int] = {}
+        self._durable: dict[PartitionKey, int] = {}
+        self._waiters: dict[PartitionKey, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._generation: dict[PartitionKey, int] = {}
+
+    def cover(self, tp: PartitionKey, offset: int) -> None:
+        """Make sure a marker at or past ``offset`` is (being) written."""
+        if offset <= self._issued.get(tp, NOTHING_HELD):
+            return
+        self._issued[tp] = offset
+        generation = self._generation.get(tp, 0)
+        self._writer.mark_held(marker_key(self._group_id, tp), offset,
+                               on_durable=lambda: self._on_durable(tp, offset, generation))
+
+    def _on_durable(self, tp: PartitionKey, offset: int, generation: int) -> None:
+        if generation != self._generation.get(tp, 0) or offset <= self._durable.get(tp, NOTHING_HELD):
+            return  # written before the partition was released, or overtaken
+        self._durable[tp] = offset
+        waiting = self._waiters.get(tp, [])
+        for item in [w for w in waiting if w[0] <= offset]:
+            waiting.remove(item)
+            if not item[1].done():
+                item[1].set_result(None)
+
+    async def wait_covered(self, tp: PartitionKey, offset: int) -> None:
+        """Return once a marker at or past ``offset`` is durable (``cover`` must have been called)."""
+        if offset <= self._durable.get(tp, NOTHING_HELD):
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(tp, []).append((offset, future))
+        await future
+
+    def release(self, partitions: Iterable[PartitionKey], clean: bool, inherited: dict[PartitionKey, int]) -> int:
+        """Forget partitions. On a clean release, put back the marker this worker inherited (what it
+        held is done or back in Kafka, not started by a dead worker); return how many were written."""
+        written = 0
+        for tp in partitions:
+            self._generation[tp] = self._generation.get(tp, 0) + 1
+            self._durable.pop(tp, None)
+            for _offset, future in self._waiters.pop(tp, []):
+                future.cancel()
+            if self._issued.pop(tp, None) is not None and clean:
+                self._writer.mark_held(marker_key(self._group_id, tp), inherited.get(tp, NOTHING_HELD))
+                written += 1
+        return written

@@ -32,11 +32,13 @@ class Intake:
         group_id: str,
         *,
         session_timeout_ms: int = 10_000,
+        on_assigned: Callable[[list[PartitionKey]], None] | None = None,
         on_revoked: Callable[[list[PartitionKey], bool], None] | None = None,
     ):
         self.topic_band = {topic: band for band, topic in band_topics.items()}
         self.assigned: set[PartitionKey] = set()
         self.paused: set[PartitionKey] = set()
+        self._on_assigned = on_assigned
         self._on_revoked = on_revoked
         self._consumer = confluent_kafka.Consumer(settings.librdkafka(
             "worker",
@@ -72,6 +74,8 @@ class Intake:
         # this consumer paused before must not come back silently paused
         consumer.resume(partitions)
         log.info("partitions_assigned", partitions=sorted(keys))
+        if self._on_assigned is not None:
+            self._on_assigned(keys)
 
     def _revoked(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         self._release(partitions, lost=False)

@@ -1,4 +1,5 @@
-"""Writing results: replies, dead letters and attempt counts, through one idempotent producer.
+"""Writing results: replies, dead letters, attempt counts and held-to markers, through one
+idempotent producer.
 
 Each send takes an ``on_durable`` callback that runs only once the broker has
 acknowledged the record (acks=all); the worker marks the source offset done there and
@@ -73,6 +74,10 @@ class ReplyWriter:
 
     def count_attempt(self, request_id: str, attempts: int, on_durable: Callable[[], None]) -> None:
         self._send(self.attempts_topic, request_id.encode(), dumps({"attempts": attempts}), on_durable)
+
+    def mark_held(self, key: str, offset: int, on_durable: Callable[[], None] | None = None) -> None:
+        """A held-to marker (see worker.attempts): this partition's owner may have started up to ``offset``."""
+        self._send(self.attempts_topic, key.encode(), dumps({"held_to": offset}), on_durable)
 
     def clear_attempts(self, request_id: str) -> None:
         """Tombstone: the compacted attempts topic forgets a request once it is answered."""

@@ -23,7 +23,7 @@ from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
 from worker.admission import AdmissionPolicy, Pending, band_rules
-from worker.attempts import AttemptsLedger
+from worker.attempts import NOTHING_HELD, AttemptsLedger, HeldMarkers
 from worker.engine import Engine, EngineDead, EngineRequestError, RequestRejected
 from worker.intake import Intake, PartitionKey
 from worker.offsets import OffsetTracker
@@ -79,10 +79,13 @@ class Worker:
         )
         self.reloader = reloader
         self.tracker = OffsetTracker()
+        group_id = settings.group_id or f"tierq-{self.pool}"
         self.writer = ReplyWriter(settings, topology.dlq.topic, topology.attempts.topic)
-        self.attempts = AttemptsLedger(settings, topology.attempts.topic)
-        self.intake = Intake(settings, topology.pool_topics(self.pool), group_id=settings.group_id or f"tierq-{self.pool}",
-                             session_timeout_ms=settings.session_timeout_ms, on_revoked=self._on_revoked)
+        self.attempts = AttemptsLedger(settings, topology.attempts.topic, group_id)
+        self.held = HeldMarkers(self.writer, group_id)
+        self.intake = Intake(settings, topology.pool_topics(self.pool), group_id=group_id,
+                             session_timeout_ms=settings.session_timeout_ms,
+                             on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         self.tasks_by_partition: dict[PartitionKey, set[asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -145,8 +148,11 @@ class Worker:
                     break
                 if self._stop_requested_at is None:
                     messages = self.intake.poll()
+                    if self.fatal:  # an assignment we cannot serve safely
+                        continue
                     for msg in messages:
                         self._accept(msg)
+                    self._cover(messages)
                     now = time.time()
                     self._expire(now)
                     self._admit(now)
@@ -189,6 +195,7 @@ class Worker:
         if not self.fatal:
             self.writer.flush(10)  # delivery callbacks mark the last offsets done
             self.intake.commit(self.tracker.committable(), asynchronous=False)
+            self._release_markers(list(self.intake.assigned))
         self.intake.close()  # may revoke partitions, which flushes the writer and commits
         self.attempts.close()
         self.writer.close()
@@ -221,7 +228,7 @@ class Worker:
         if request.tenant_id not in self.topology.tenants:  # no reply topic to answer on
             self._dead_letter(msg, source, f"unknown_tenant: unknown tenant {request.tenant_id!r}", done)
             return
-        problem = self._check_route(request, band)
+        problem = self._check_route(request, band, tp, msg.offset())
         if problem is not None:
             self._reply_error(request.request_id, request.tenant_id, request.metadata, band, problem, done,
                               submitted_at=request.submitted_at)
@@ -248,18 +255,27 @@ class Worker:
         else:
             self._dead_letter(msg, source, f"{exc.code.value}: {exc.message}", done)
 
-    def _check_route(self, request: Request, band: Band) -> tuple[ErrorCode, str] | None:
+    def _check_route(self, request: Request, band: Band, tp: PartitionKey, offset: int) -> tuple[ErrorCode, str] | None:
         tenant = self.topology.tenants[request.tenant_id]
         if request.pool != self.pool:
             return ErrorCode.unknown_pool, f"request for pool {request.pool!r} arrived on pool {self.pool!r}'s topic"
         if band.rank < tenant.max_priority.rank:
             return (ErrorCode.forbidden_priority,
                     f"tenant {request.tenant_id!r} may use priority {tenant.max_priority.value} at most")
-        attempts = self.attempts.get(request.request_id)
+        attempts = self.attempts.prior_attempts(request.request_id, tp, offset)
         if attempts >= self.settings.max_attempts:
             return (ErrorCode.engine_error,
                     f"request abandoned after {attempts} engine attempts (it may crash the engine)")
         return None
+
+    def _cover(self, messages: list[confluent_kafka.Message]) -> None:
+        """Write the held-to markers for a fetched batch: one per partition, not one per request."""
+        highest: dict[PartitionKey, int] = {}
+        for msg in messages:
+            tp = (msg.topic(), msg.partition())
+            highest[tp] = max(highest.get(tp, NOTHING_HELD), msg.offset())
+        for tp, offset in highest.items():
+            self.held.cover(tp, offset)
 
     def _buffer(self, request: Request, band: Band, tp: PartitionKey, offset: int, done: Any,
                 received_at: datetime) -> None:
@@ -301,11 +317,12 @@ class Worker:
                 metrics.promotions.labels(item.band.value).inc()
 
     async def _serve(self, item: Pending) -> None:
-        request, prompt_ids, _tp, _offset, done, received_at = item.payload
+        request, prompt_ids, tp, offset, done, received_at = item.payload
         served_as = item.served_as or item.band
         dequeued_at = utc_now()
+        counted = False
         try:
-            attempt = await self._count_attempt(request.request_id)
+            attempt, counted = await self._start_attempt(request.request_id, tp, offset)
             completion = await self.engine.generate(request, prompt_ids, priority=served_as.rank)
         except RequestRejected as exc:
             reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band, Status.error,
@@ -337,18 +354,22 @@ class Worker:
         finally:
             self.policy.finished(item)
             self._wake.set()
-        self._send(reply, item.band, done, clear_attempts=True)
+        self._send(reply, item.band, done, clear_attempts=counted)
 
-    async def _count_attempt(self, request_id: str) -> int:
-        """Write attempts+1 and wait until it is durable, before the engine sees the request."""
-        attempt = self.attempts.get(request_id) + 1
+    async def _start_attempt(self, request_id: str, tp: PartitionKey, offset: int) -> tuple[int, bool]:
+        """Make this attempt durable before the engine sees the request: its partition's held-to
+        marker, or for a suspect (see worker.attempts) its own count. Returns (attempt, counted)."""
+        attempt = self.attempts.prior_attempts(request_id, tp, offset) + 1
+        if not self.attempts.counted(request_id, tp, offset):
+            await self.held.wait_covered(tp, offset)
+            return attempt, False
         durable = asyncio.get_running_loop().create_future()
         self.writer.count_attempt(request_id, attempt,
                                   on_durable=lambda: durable.done() or durable.set_result(None))
         self._wake.set()
         await durable
         self.attempts.counts[request_id] = attempt
-        return attempt
+        return attempt, True
 
     @staticmethod
     def _observe(band: Band, timing: Timing, completion_tokens: int) -> None:
@@ -390,6 +411,22 @@ class Worker:
 
     # ---- rebalancing and gauges ------------------------------------------------------
 
+    def _on_assigned(self, partitions: list[PartitionKey]) -> None:
+        """Read the attempts topic to its end first: a dead predecessor's marker makes suspects."""
+        if not self.attempts.assigned(partitions):
+            self.fatal = "cannot read the attempts topic to its end (a dead worker's marker may be unknown)"
+            return
+        for tp in partitions:
+            if (held_to := self.attempts.suspect_to[tp]) != NOTHING_HELD:
+                log.warning("inherited_suspects", topic=tp[0], partition=tp[1], held_to=held_to,
+                            why="the previous owner died or lost the partition; requests up to this "
+                                "offset are counted as attempted once")
+
+    def _release_markers(self, partitions: list[PartitionKey]) -> None:
+        """Clean release: put back the marker we inherited (nothing we held was started by a dead worker)."""
+        if self.held.release(partitions, clean=True, inherited=self.attempts.suspect_to):
+            self.writer.flush(5)
+
     def _on_revoked(self, partitions: list[PartitionKey], lost: bool) -> None:
         """Stop work from partitions we no longer own; commit what is done unless they are lost."""
         revoked = set(partitions)
@@ -401,6 +438,11 @@ class Worker:
             self.writer.flush(5)
             self.intake.commit({tp: o for tp, o in self.tracker.committable().items() if tp in revoked},
                                asynchronous=False)
+        if lost or self.fatal:  # the marker stays: whoever gets these partitions counts what we held
+            self.held.release(partitions, clean=False, inherited={})
+        else:
+            self._release_markers(partitions)
+        self.attempts.released(partitions)
         for tp in partitions:
             self.tracker.forget(tp)
 
