@@ -114,6 +114,19 @@ def test_expired_requests_never_admitted():
     assert drain(policy, now=10) == ["fine"]
 
 
+def test_expiry_is_seen_whatever_the_order_deadlines_arrive_in():
+    """take_expired skips its scan until the earliest deadline it knows of; a later, earlier one counts."""
+    policy = AdmissionPolicy(rules(), capacity=8)
+    policy.add(item("far", L, deadline=100))
+    assert policy.take_expired(now=50) == []
+    policy.add(item("near", L, deadline=60))
+    policy.add(item("never", L))
+    assert [p.request_id for p in policy.take_expired(now=70)] == ["near"]
+    assert policy.take_expired(now=99) == []
+    assert [p.request_id for p in policy.take_expired(now=100)] == ["far"]
+    assert [p.request_id for p in policy.waiting] == ["never"]
+
+
 def test_tenant_in_flight_cap():
     policy = AdmissionPolicy(rules(), capacity=8, tenant_caps={"greedy": 2})
     for i in range(5):

@@ -22,6 +22,7 @@ whose order depends on the clock silently breaks, a scan of a few dozen items ca
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class AdmissionPolicy:
         self.tenant_caps = tenant_caps or {}
         self.aging = aging
         self.waiting: list[Pending] = []
+        self._earliest_deadline = math.inf  # no waiting request expires before this (maybe later)
         self.in_flight = 0
         self.in_flight_by_tenant: dict[str, int] = defaultdict(int)
         self._limit = {}
@@ -90,6 +92,7 @@ class AdmissionPolicy:
         item.seq = next(self._seq)
         item.promote_at = self._promotion_times(item) if self.aging else ()
         self.waiting.append(item)
+        self._earliest_deadline = min(self._earliest_deadline, item.deadline_ts)
 
     def _promotion_times(self, item: Pending) -> tuple[float, ...]:
         """Epoch times at which the item reaches each higher band, nearest first."""
@@ -113,9 +116,12 @@ class AdmissionPolicy:
         return BAND_ORDER[item.band.rank - promotions]
 
     def take_expired(self, now: float) -> list[Pending]:
+        if now < self._earliest_deadline:  # the worker asks every loop turn: skip the scan
+            return []
         expired = [item for item in self.waiting if item.deadline_ts <= now]
         if expired:
             self.waiting = [item for item in self.waiting if item.deadline_ts > now]
+        self._earliest_deadline = min((item.deadline_ts for item in self.waiting), default=math.inf)
         return expired
 
     def next(self, now: float) -> Pending | None:
