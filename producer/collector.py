@@ -47,6 +47,10 @@ class ResultCollector:
                     "enable.auto.offset.store": False,
                     "auto.offset.reset": "earliest",
                     "enable.partition.eof": True,
+                    # a fetch that finds nothing new waits this long at the broker; Kafka answers as
+                    # soon as a reply arrives, but Tansu waits it out, which delays the last reply
+                    # by up to the 500 ms default
+                    "fetch.wait.max.ms": 100,
                 },
             )
         )

@@ -31,7 +31,8 @@ class WorkerSettings(Settings):
     engine_extra: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine args, as JSON")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}/cpu")
     prefetch_per_partition: int | None = Field(
-        default=None, ge=1, description="buffered requests per source partition (default: slots + engine_queue)")
+        default=None, ge=1,
+        description="buffered requests per source partition (default: twice slots + engine_queue)")
     max_attempts: int = Field(default=3, ge=1, description="engine attempts before a request is dead-lettered")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace period for in-flight requests")
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
@@ -40,7 +41,9 @@ class WorkerSettings(Settings):
 
     @property
     def prefetch(self) -> int:
-        return self.prefetch_per_partition or self.max_num_seqs + self.engine_queue
+        """A paused partition resumes at half this, still holding a full engine's worth: the
+        engine keeps busy while the next fetch is on its way (a fetch can take fetch.wait.max.ms)."""
+        return self.prefetch_per_partition or 2 * (self.max_num_seqs + self.engine_queue)
 
     def model_dir_default(self) -> Path:
         return self.state_dir / "tiny-model"
