@@ -30,6 +30,7 @@ from typing import Protocol
 import confluent_kafka
 import orjson
 from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from schemas.settings import Settings
 
@@ -59,7 +60,14 @@ class AttemptsLedger:
             "group.id": f"tierq-attempts-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            # a fetch that finds nothing waits this long; Tansu does not answer early when records
+            # arrive meanwhile, so the 500 ms default would hold up every catch-up by that much
+            "fetch.wait.max.ms": 100,
         }))
+        # end offsets come from a client of its own: on the consumer's connection the query would
+        # queue behind the consumer's waiting fetch
+        self._admin_config = settings.librdkafka("worker-attempts-admin")
+        self._admin: AdminClient | None = None
         self._partitions: list[int] = []
         self._not_loaded: set[int] = set()
         self.connected = False
@@ -88,9 +96,12 @@ class AttemptsLedger:
     def catch_up(self, timeout: float = 30.0) -> bool:
         """Read everything written before now (a predecessor's last marker); False if that timed out."""
         deadline = time.monotonic() + timeout
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_config)
+        futures = self._admin.list_offsets({TopicPartition(self.topic, p): OffsetSpec.latest()
+                                            for p in self._partitions}, request_timeout=timeout)
         try:
-            ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout,
-                                                            cached=False)[1] for p in self._partitions}
+            ends = {tp.partition: future.result().offset for tp, future in futures.items()}
         except confluent_kafka.KafkaException:
             return False
         while time.monotonic() < deadline:
@@ -156,6 +167,7 @@ class AttemptsLedger:
 
     def close(self) -> None:
         self._consumer.close()
+        self._admin = None  # librdkafka releases an admin client when it is collected
 
 
 class MarkerWriter(Protocol):
