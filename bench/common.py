@@ -68,6 +68,35 @@ def stack(args: argparse.Namespace) -> Iterator[tuple[Engine, str]]:
         engine.shutdown()
 
 
+def keep_off_model_cores() -> dict[str, list[int]]:
+    """Move this process (every thread) and its children, except vLLM's model process, off the
+    cores vLLM's CPU backend binds the model to; processes started later inherit it.
+
+    vLLM pins its model process (``VLLM::Worker``) to its cores, but everything else (the engine
+    core's scheduler loop, our event loop, the broker) floats, and on a small machine lands on the
+    model's core now and then, which slows the model for everybody. Applied before both phases of a
+    comparison, so both run with the same placement. Returns the placement (empty if nothing to do).
+    """
+    import psutil  # a vLLM dependency
+
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    model = [c for c in children if c.name().startswith("VLLM::Worker")]
+    if not model:
+        return {}
+    model_cpus = set(os.sched_getaffinity(model[0].pid))
+    rest = set(os.sched_getaffinity(0)) - model_cpus
+    if not rest:
+        return {}
+    for process in [me] + [c for c in children if c.pid != model[0].pid]:
+        for thread in process.threads():
+            try:
+                os.sched_setaffinity(thread.id, rest)
+            except OSError:
+                pass  # a thread that ended meanwhile
+    return {"model_cpus": sorted(model_cpus), "other_cpus": sorted(rest)}
+
+
 def topology(bootstrap: str, **band_changes: dict[str, Any]) -> Topology:
     """topics.yaml with fresh topic names (one phase's data never meets another's)."""
     document = load_topology("topics.yaml").with_topic_prefix(f"bench{uuid.uuid4().hex[:8]}").model_dump(mode="json")

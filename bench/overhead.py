@@ -6,6 +6,11 @@ shipped topics.yaml reserves 3 slots for high and medium work, which a low-only 
 cannot use; that is the price of priority isolation, not of the Kafka path, so this bench
 zeroes the reservations unless ``--keep-reserved`` is given (then it measures both costs).
 
+Two ratios per round: end to end (first request sent to last reply read, so it includes the
+pipeline's fill and drain latency) and steady state (completions per second between the 10th and
+the 90th percentile completion, the sustained rate). Unless ``--no-pin``, everything but vLLM's
+model process is kept off the model's cores for both phases (``bench.common.keep_off_model_cores``).
+
     .venv/bin/python -m bench.overhead --requests 1000 --out bench/results/overhead-cpu.json
 """
 
@@ -22,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import topology
+from bench.common import keep_off_model_cores, topology
 from producer.broker import EmbeddedBroker
 from producer.client import Producer
 from producer.collector import ResultCollector
@@ -41,22 +46,31 @@ def documents(n: int, max_tokens: int) -> list[dict]:
              "params": {"max_tokens": max_tokens, "temperature": 0.0}} for i in range(n)]
 
 
-async def direct(engine: Engine, docs: list[dict], concurrency: int) -> tuple[float, int]:
+def steady_rate(finish_times: list[float]) -> float:
+    """Completions per second between the 10th and 90th percentile completion."""
+    times = sorted(finish_times)
+    lo, hi = len(times) // 10, (len(times) * 9) // 10 - 1
+    return (hi - lo) / (times[hi] - times[lo])
+
+
+async def direct(engine: Engine, docs: list[dict], concurrency: int) -> tuple[float, int, list[float]]:
     """The same prompts straight into the engine, at most ``concurrency`` (the worker's capacity) at once."""
     requests = [Request.model_validate({**d, "request_id": f"direct-{i}", "submitted_at": utc_now()})
                 for i, d in enumerate(docs)]
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
+    finished: list[float] = []
 
     async def one(request: Request) -> None:
         nonlocal tokens
         async with sem:
             completion = await engine.generate(request, engine.render(request), priority=2)
             tokens += completion.completion_tokens
+            finished.append(time.perf_counter() - start)
 
     start = time.perf_counter()
     await asyncio.gather(*(one(r) for r in requests))
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, tokens, finished
 
 
 def _load(bootstrap: str, topology_doc: dict, docs: list[dict], ready: Any, go: Any, results: Any) -> None:
@@ -73,16 +87,19 @@ def _load(bootstrap: str, topology_doc: dict, docs: list[dict], ready: Any, go: 
         for doc in docs:
             producer.submit(doc)
         producer.flush(120)
-        replies = list(collector.replies(expect=len(docs), timeout=900))
+        replies, arrived = [], []
+        for reply in collector.replies(expect=len(docs), timeout=900):
+            replies.append(reply)
+            arrived.append(time.perf_counter() - start)
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu
-    results.put((elapsed, len(replies), sum(r.usage.completion_tokens for r in replies), cpu))
+    results.put((elapsed, len(replies), sum(r.usage.completion_tokens for r in replies), cpu, arrived))
 
 
 async def through_kafka(settings: WorkerSettings, topology: Topology, engine: Engine, docs: list[dict],
-                        broker: EmbeddedBroker) -> tuple[float, int, dict[str, float]]:
-    """Requests through Kafka and the worker; returns (seconds, output tokens, CPU seconds by part),
-    CPU counted from the first request on (not the worker's start and group join)."""
+                        broker: EmbeddedBroker) -> tuple[float, int, dict[str, float], list[float]]:
+    """Requests through Kafka and the worker; returns (seconds, output tokens, CPU seconds by part,
+    reply arrival times), CPU counted from the first request on (not the worker's start and group join)."""
     worker = Worker(settings, topology, engine)
     serving = asyncio.create_task(worker.run())
     spawn = multiprocessing.get_context("spawn")
@@ -95,14 +112,42 @@ async def through_kafka(settings: WorkerSettings, topology: Topology, engine: En
         await asyncio.sleep(0.05)
     before = cpu_seconds(broker)
     go.set()
-    elapsed, answered, tokens, load_cpu = await asyncio.to_thread(results.get, True, 900)
+    elapsed, answered, tokens, load_cpu, arrived = await asyncio.to_thread(results.get, True, 900)
     after = cpu_seconds(broker)
     load.join(30)
     worker.request_stop()
     await serving
     assert answered == len(docs), f"only {answered} of {len(docs)} replies"
     cpu = {part: round(after[part] - before[part], 3) for part in before}
-    return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}
+    return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}, arrived
+
+
+def plot(rounds: list[dict[str, Any]], median: dict[str, Any], out: Path) -> None:
+    """Completions over time in the median round (direct vs tierq), and each round's ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for key, label in (("direct_done", "straight into vLLM"), ("tierq_done", "through Kafka + worker")):
+        times = sorted(median[key])
+        left.plot(times, range(1, len(times) + 1), label=label)
+    left.set_xlabel("seconds since the first request")
+    left.set_ylabel("requests completed")
+    left.set_title("median round")
+    left.legend()
+    x = range(1, len(rounds) + 1)
+    right.plot(x, [r["ratio"] for r in rounds], "o-", label="end to end")
+    right.plot(x, [r["steady_ratio"] for r in rounds], "s-", label="steady state")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_xlabel("round")
+    right.set_ylabel("tierq / direct requests per second")
+    right.set_title("every round")
+    right.legend()
+    fig.suptitle("tierq overhead: same prompts, same engine, same run")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def cpu_seconds(broker: EmbeddedBroker) -> dict[str, float]:
@@ -132,12 +177,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of direct-then-tierq; the median is reported")
     parser.add_argument("--keep-reserved", action="store_true",
                         help="keep topics.yaml's reserved slots (low work then gets fewer engine slots than direct)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave process placement to the OS (see bench.common.keep_off_model_cores)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
     configure(level="WARNING")
     model = str(make_tiny_model(Path(".tierq/tiny-model")))
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
                                        extra={"enforce_eager": True}))
+    placement = {} if args.no_pin else keep_off_model_cores()
     docs = documents(args.requests, args.max_tokens)
     rounds = []
     with EmbeddedBroker() as broker:
@@ -152,16 +200,20 @@ def main() -> None:
             for round_ in range(args.repeat):  # alternate, so drift hits both sides alike
                 topo = topology(broker.bootstrap, **band_changes)  # fresh topics each round
                 before = cpu_seconds(broker)
-                direct_s, direct_tokens = loop.run_until_complete(direct(engine, docs, capacity))
+                direct_s, direct_tokens, direct_done = loop.run_until_complete(direct(engine, docs, capacity))
                 after = cpu_seconds(broker)
                 direct_cpu = {part: round(after[part] - before[part], 3) for part in before}
-                kafka_s, kafka_tokens, kafka_cpu = loop.run_until_complete(
+                kafka_s, kafka_tokens, kafka_cpu, kafka_done = loop.run_until_complete(
                     through_kafka(settings, topo, engine, docs, broker))
                 rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
                                "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
                                "direct_cpu_s": direct_cpu, "tierq_cpu_s": kafka_cpu,
-                               "ratio": round(direct_s / kafka_s, 3)})
-                print(rounds[-1], flush=True)
+                               "ratio": round(direct_s / kafka_s, 3),
+                               "direct_steady_rps": round(steady_rate(direct_done), 1),
+                               "tierq_steady_rps": round(steady_rate(kafka_done), 1),
+                               "steady_ratio": round(steady_rate(kafka_done) / steady_rate(direct_done), 3),
+                               "direct_done": direct_done, "tierq_done": kafka_done})
+                print({k: v for k, v in rounds[-1].items() if not k.endswith("_done")}, flush=True)
         finally:
             loop.close()
     engine.shutdown()
@@ -170,7 +222,7 @@ def main() -> None:
     result = {
         "bench": "overhead", "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs",
         "requests": n, "max_tokens": args.max_tokens, "slots": args.slots, "engine_queue": settings.engine_queue,
-        "reserved_slots": "topics.yaml" if args.keep_reserved else 0,
+        "reserved_slots": "topics.yaml" if args.keep_reserved else 0, "placement": placement or "os",
         "median_round": {
             "direct": {"req_per_s": round(n / best["direct_s"], 1),
                        "tokens_per_s": round(best["direct_tokens"] / best["direct_s"], 1)},
@@ -178,6 +230,8 @@ def main() -> None:
                       "tokens_per_s": round(best["tierq_tokens"] / best["tierq_s"], 1)},
             "ratio_req_per_s": best["ratio"],
         },
+        "ratio_req_per_s_median": statistics.median(r["ratio"] for r in rounds),
+        "steady_ratio_median": statistics.median(r["steady_ratio"] for r in rounds),
         # CPU seconds per phase: "client" = this process (the engine client; for tierq also the
         # worker), "engine" = vLLM's engine core and model processes, "broker"; the producer and
         # collector run in a process of their own ("load", reported for tierq only)
@@ -186,10 +240,14 @@ def main() -> None:
                                           for r in rounds), 3)
             for part in ("client", "engine", "broker")},
         "load_cpu_ms_per_request": round(statistics.median(r["tierq_cpu_s"]["load"] * 1000 / n for r in rounds), 3),
-        "rounds": rounds,
+        "rounds": [{k: v for k, v in r.items() if not k.endswith("_done")} for r in rounds],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        plot(rounds, best, args.out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing (scripts/setup bench): no plot")
     print(json.dumps(result, indent=2))
 
 
