@@ -50,7 +50,6 @@ class AttemptsLedger:
 
     def __init__(self, settings: Settings, topic: str, group_id: str):
         self.topic = topic
-        self.group_id = group_id
         self.counts: dict[str, int] = {}
         self.markers: dict[PartitionKey, int] = {}
         #: per assigned partition: offsets up to here may have been started by a worker that died
@@ -155,15 +154,19 @@ class AttemptsLedger:
         for tp in partitions:
             self.suspect_to.pop(tp, None)
 
+    def _inherited(self, tp: PartitionKey, offset: int) -> bool:
+        """Whether a worker that died may have started this offset (it is at or below its marker)."""
+        return offset <= self.suspect_to.get(tp, NOTHING_HELD)
+
     def counted(self, request_id: str, tp: PartitionKey, offset: int) -> bool:
         """Whether this request is counted by request_id (a suspect) rather than covered by a marker."""
-        return request_id in self.counts or offset <= self.suspect_to.get(tp, NOTHING_HELD)
+        return request_id in self.counts or self._inherited(tp, offset)
 
     def prior_attempts(self, request_id: str, tp: PartitionKey, offset: int) -> int:
         """Engine attempts this request has had so far, as far as anyone can know."""
         if request_id in self.counts:
             return self.counts[request_id]
-        return 1 if offset <= self.suspect_to.get(tp, NOTHING_HELD) else 0
+        return 1 if self._inherited(tp, offset) else 0
 
     def close(self) -> None:
         self._consumer.close()
