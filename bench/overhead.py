@@ -113,12 +113,11 @@ async def through_kafka(settings: WorkerSettings, topology: Topology, engine: En
     before = cpu_seconds(broker)
     go.set()
     elapsed, answered, tokens, load_cpu, arrived = await asyncio.to_thread(results.get, True, 900)
-    after = cpu_seconds(broker)
+    cpu = cpu_used_since(before, broker)
     load.join(30)
     worker.request_stop()
     await serving
     assert answered == len(docs), f"only {answered} of {len(docs)} replies"
-    cpu = {part: round(after[part] - before[part], 3) for part in before}
     return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}, arrived
 
 
@@ -168,6 +167,12 @@ def cpu_seconds(broker: EmbeddedBroker) -> dict[str, float]:
             "broker": used(psutil.Process(broker_pid)) if broker_pid else 0.0}
 
 
+def cpu_used_since(before: dict[str, float], broker: EmbeddedBroker) -> dict[str, float]:
+    """CPU seconds by part since ``before`` (a ``cpu_seconds`` reading)."""
+    after = cpu_seconds(broker)
+    return {part: round(after[part] - before[part], 3) for part in before}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1000)
@@ -201,17 +206,17 @@ def main() -> None:
                 topo = topology(broker.bootstrap, **band_changes)  # fresh topics each round
                 before = cpu_seconds(broker)
                 direct_s, direct_tokens, direct_done = loop.run_until_complete(direct(engine, docs, capacity))
-                after = cpu_seconds(broker)
-                direct_cpu = {part: round(after[part] - before[part], 3) for part in before}
+                direct_cpu = cpu_used_since(before, broker)
                 kafka_s, kafka_tokens, kafka_cpu, kafka_done = loop.run_until_complete(
                     through_kafka(settings, topo, engine, docs, broker))
+                direct_steady, kafka_steady = steady_rate(direct_done), steady_rate(kafka_done)
                 rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
                                "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
                                "direct_cpu_s": direct_cpu, "tierq_cpu_s": kafka_cpu,
                                "ratio": round(direct_s / kafka_s, 3),
-                               "direct_steady_rps": round(steady_rate(direct_done), 1),
-                               "tierq_steady_rps": round(steady_rate(kafka_done), 1),
-                               "steady_ratio": round(steady_rate(kafka_done) / steady_rate(direct_done), 3),
+                               "direct_steady_rps": round(direct_steady, 1),
+                               "tierq_steady_rps": round(kafka_steady, 1),
+                               "steady_ratio": round(kafka_steady / direct_steady, 3),
                                "direct_done": direct_done, "tierq_done": kafka_done})
                 print({k: v for k, v in rounds[-1].items() if not k.endswith("_done")}, flush=True)
         finally:
