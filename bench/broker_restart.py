@@ -20,7 +20,7 @@ import confluent_kafka
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import write
-from producer.broker import EmbeddedBroker, LocalS3
+from broker.embedded import EmbeddedBroker, LocalS3
 
 PARTITIONS = 3
 

@@ -19,13 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from producer.admin import create_topics
-from producer.broker import EmbeddedBroker
+from broker.topics import create_topics
+from broker.embedded import EmbeddedBroker
 from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.logs import configure
 from schemas.messages import Reply
-from schemas.topology import Topology, load_topology
+from schemas.tenants import load_topology
+from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
 from worker.service import Worker
 from worker.settings import WorkerSettings

@@ -9,7 +9,7 @@ import argparse
 import time
 
 from bench.common import topology, write
-from producer.broker import EmbeddedBroker
+from broker.embedded import EmbeddedBroker
 from producer.client import Producer
 from schemas.settings import Settings
 

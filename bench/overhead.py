@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import keep_off_model_cores, topology
-from producer.broker import EmbeddedBroker
+from broker.embedded import EmbeddedBroker
 from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.logs import configure

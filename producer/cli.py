@@ -1,21 +1,22 @@
-"""The ``tierq`` command: parses arguments and delegates; no logic lives here."""
+"""Producer-side commands (``submit``, ``results``, ``tenant``, ``gateway``): parse and delegate.
+
+Registered on the ``tierq`` command by ``tierq.cli``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from schemas.settings import BrokerNotConfigured, Settings
-from schemas.topology import Topology, TopologyError
+from schemas.settings import Settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the common command-line options on top."""
     overrides: dict[str, Any] = {}
     if getattr(args, "bootstrap", None):
         overrides["bootstrap_servers"] = args.bootstrap
@@ -26,71 +27,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _topology(settings: Settings) -> Topology:
-    return settings.load_topology()
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
-def cmd_broker(args: argparse.Namespace) -> int:
-    from producer.broker import EmbeddedBroker, LocalS3, s3_env
-
-    s3 = None
-    storage, env = "memory://tansu/", {}
-    if args.s3_endpoint:
-        storage, env = f"s3://{args.bucket}/", s3_env(args.s3_endpoint)
-    elif args.durable:
-        s3 = LocalS3(bucket=args.bucket).start()
-        storage, env = f"s3://{args.bucket}/", s3.broker_env()
-    broker = EmbeddedBroker(port=args.port, host=args.host, storage=storage, env=env).start()
-    signal.signal(signal.SIGTERM, _interrupt)
-    print(broker.bootstrap, flush=True)
-    if storage.startswith("memory://"):
-        where = "in memory (lost when it stops)"
-    else:
-        where = f"in {storage} ({args.s3_endpoint or (s3.endpoint if s3 else '')})"
-    print(f"tierq: broker listening, data {where}; export TIERQ_BOOTSTRAP_SERVERS={broker.bootstrap}; "
-          "Ctrl-C stops it", file=sys.stderr, flush=True)
-    try:
-        while True:
-            code = broker.wait()
-            if storage.startswith("memory://"):
-                print(f"tierq: broker exited with status {code}; log: {broker.log_path}", file=sys.stderr)
-                return EXIT_FAILED
-            # durable storage: a crashed broker comes back on the same port with its data, except
-            # the last records it acknowledged before a hard crash (Tansu 0.6.0; bench.broker_restart)
-            print(f"tierq: broker exited with status {code}; restarting; records acknowledged just before "
-                  f"a crash may be lost (log: {broker.log_path})", file=sys.stderr)
-            time.sleep(1)
-            broker.start()
-    except KeyboardInterrupt:
-        broker.stop()
-        return EXIT_OK
-    finally:
-        if s3 is not None:
-            s3.stop()
-
-
-def cmd_topics_create(args: argparse.Namespace) -> int:
-    from producer.admin import create_topics
-
-    settings = _settings(args)
-    outcome = create_topics(settings, _topology(settings))
-    for topic, state in outcome.items():
-        print(f"{state:8} {topic}")
-    created = sum(1 for s in outcome.values() if s == "created")
-    print(f"tierq: {created} created, {len(outcome) - created} already existed", file=sys.stderr)
-    return EXIT_OK
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from producer.client import Producer
     from producer.submit import Rejection, submit_file
     from schemas.codec import dumps
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     errors_out = open(args.errors, "wb") if args.errors else None
 
     def on_reject(rejection: Rejection) -> None:
@@ -99,7 +41,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             errors_out.write(dumps(rejection.__dict__) + b"\n")
 
     try:
-        producer = Producer(settings, _topology(settings), on_quota=args.quota)
+        producer = Producer(settings, settings.load_topology(), on_quota=args.quota)
         report = submit_file(producer, args.file, tenant=args.tenant, priority=args.priority,
                              on_reject=on_reject, progress=None if not args.no_progress else False)
     finally:
@@ -116,10 +58,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     from producer.collector import ResultCollector
     from schemas.codec import encode
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     out = open(args.out, "wb") if args.out else sys.stdout.buffer
     try:
-        with ResultCollector(settings, _topology(settings), args.tenant) as collector:
+        with ResultCollector(settings, settings.load_topology(), args.tenant) as collector:
             for reply in collector.replies(follow=args.follow, expect=args.expect, timeout=args.timeout):
                 out.write(encode(reply) + b"\n")
                 out.flush()
@@ -156,7 +98,7 @@ def _print_key(tenant_id: str, key: str, settings: Settings) -> None:
 def cmd_tenant_add(args: argparse.Namespace) -> int:
     from schemas.tenants import add_tenant
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     key = add_tenant(settings.topics_file, settings.tenants_file, args.tenant_id, _tenant_config(args))
     _print_key(args.tenant_id, key, settings)
     print("tierq: run `tierq topics create` to create its reply topic; running gateways and workers "
@@ -167,7 +109,7 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
 def cmd_tenant_rotate_key(args: argparse.Namespace) -> int:
     from schemas.tenants import rotate_key
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     key = rotate_key(settings.topics_file, settings.tenants_file, args.tenant_id, keep_old=args.keep_old)
     _print_key(args.tenant_id, key, settings)
     if not args.keep_old:
@@ -176,8 +118,8 @@ def cmd_tenant_rotate_key(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_list(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    for tenant_id, cfg in _topology(settings).tenants.items():
+    settings = settings_from_args(args)
+    for tenant_id, cfg in settings.load_topology().tenants.items():
         q = cfg.quotas
         print(f"{tenant_id:20} pool={cfg.pool} max_priority={cfg.max_priority.value} keys={len(cfg.api_key_hashes)} "
               f"rps={q.requests_per_s} tpm={q.tokens_per_min} in_flight={q.max_in_flight} max_tokens={q.max_tokens}")
@@ -198,38 +140,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return run_gateway(GatewaySettings(**overrides))
 
 
-def cmd_schema_export(args: argparse.Namespace) -> int:
-    from schemas.export import export_json_schemas
-
-    for path in export_json_schemas(args.directory):
-        print(path)
-    return EXIT_OK
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--bootstrap", help="Kafka bootstrap servers (env TIERQ_BOOTSTRAP_SERVERS)")
-    common.add_argument("--topics", type=Path, help="topology file (env TIERQ_TOPICS_FILE; default ./topics.yaml)")
-    common.add_argument("--tenants-file", type=Path,
-                        help="tenants file (env TIERQ_TENANTS_FILE; default ./tenants.yaml, read if present)")
-
-    parser = argparse.ArgumentParser(prog="tierq", description="Priority-scheduled LLM inference over Kafka.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) until Ctrl-C")
-    broker.add_argument("--port", type=int, help="listen port (default: a free one)")
-    broker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    broker.add_argument("--durable", action="store_true",
-                        help="keep data in a local S3 server (moto), so the broker survives clean restarts; "
-                             "it is restarted if it dies (a hard crash can lose the last acknowledged records)")
-    broker.add_argument("--s3-endpoint", help="keep data in this S3/MinIO endpoint instead (credentials from AWS_*)")
-    broker.add_argument("--bucket", default="tansu", help="S3 bucket for --durable / --s3-endpoint")
-    broker.set_defaults(func=cmd_broker)
-
-    topics = commands.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)
-    topics.add_parser("create", parents=[common], help="create the topics of topics.yaml (idempotent)").set_defaults(
-        func=cmd_topics_create)
-
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     submit = commands.add_parser("submit", parents=[common], help="publish a JSONL file of requests")
     submit.add_argument("file", type=Path, help="JSONL: tierq requests or OpenAI batch lines")
     submit.add_argument("--priority", choices=["high", "medium", "low"], help="override each line's priority")
@@ -271,36 +182,3 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", help="listen address (env TIERQ_GATEWAY_HOST; default 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="listen port (env TIERQ_GATEWAY_PORT; default 8080)")
     gateway.set_defaults(func=cmd_gateway)
-
-    schema = commands.add_parser("schema", help="message schemas").add_subparsers(dest="action", required=True)
-    export = schema.add_parser("export", help="write JSON Schema files for the request and reply messages")
-    export.add_argument("directory", type=Path)
-    export.set_defaults(func=cmd_schema_export)
-
-    _add_worker_commands(commands, common)
-    return parser
-
-
-def _add_worker_commands(commands: Any, common: argparse.ArgumentParser) -> None:
-    """Worker-side commands live in worker.cli; they are optional until the worker is installed."""
-    try:
-        from worker.cli import add_commands
-    except ImportError:
-        return
-    add_commands(commands, common)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (TopologyError, BrokerNotConfigured) as exc:
-        print(f"tierq: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except FileNotFoundError as exc:
-        print(f"tierq: error: {exc.filename}: file not found", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.tenants import load_topology
+from schemas.topology import Topology
+
 
 class BrokerNotConfigured(RuntimeError):
     """No bootstrap servers were given where a running broker is required."""
@@ -72,10 +75,8 @@ class Settings(BaseSettings):
     )
     state_dir: Path = Field(default=Path(".tierq"), description="Local state: generated test model, broker logs")
 
-    def load_topology(self) -> Any:
-        """topics.yaml plus the tenants file, validated (``schemas.topology.Topology``)."""
-        from schemas.topology import load_topology
-
+    def load_topology(self) -> Topology:
+        """topics.yaml plus the tenants file, validated."""
         return load_topology(self.topics_file, self.tenants_file)
 
     def require_bootstrap(self) -> str:

@@ -24,7 +24,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.messages import TenantId
-from schemas.topology import TenantConfig, Topology, TopologyError, describe_validation_error
+from schemas.topology import TenantConfig, Topology, TopologyError, describe_validation_error, read_topology_file
 
 KEY_PREFIX = "tq-"
 HASH_PREFIX = "sha256:"
@@ -82,6 +82,14 @@ def write_tenants_file(path: str | Path, tenants: dict[str, TenantConfig]) -> No
         raise
 
 
+def load_topology(topics_file: str | Path, tenants_file: str | Path | None = None) -> Topology:
+    """topics.yaml plus the tenants file (if given and present), validated together.
+
+    Raises ``TopologyError`` naming the file and the key.
+    """
+    return with_tenants_file(read_topology_file(topics_file), tenants_file)
+
+
 def with_tenants_file(topology: Topology, path: str | Path | None) -> Topology:
     """The topology with the tenants file's tenants added (replacing same-named ones)."""
     if path is None:
@@ -122,8 +130,6 @@ class TenantExists(TopologyError):
 
 def add_tenant(topics_file: str | Path, tenants_file: str | Path, tenant_id: str, config: TenantConfig) -> str:
     """Add a tenant with a new API key to the tenants file; return the key (shown once)."""
-    from schemas.topology import load_topology
-
     topology = load_topology(topics_file, tenants_file)
     if tenant_id in topology.tenants:
         raise TenantExists(f"tenant {tenant_id!r} already exists; use `tierq tenant rotate-key {tenant_id}`")
@@ -139,8 +145,6 @@ def rotate_key(topics_file: str | Path, tenants_file: str | Path, tenant_id: str
 
     A tenant defined only in topics.yaml is copied into the tenants file with the key.
     """
-    from schemas.topology import load_topology
-
     topology = load_topology(topics_file, tenants_file)
     current = topology.tenants.get(tenant_id)
     if current is None:
@@ -187,8 +191,6 @@ class TenantsReloader:
 
     def reload(self, current: Topology) -> Topology | None:
         """A topology with the reloaded tenants if a file changed (checked every interval), else None."""
-        from schemas.topology import load_topology
-
         now = time.monotonic()
         if now < self._next_check:
             return None

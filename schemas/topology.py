@@ -221,11 +221,9 @@ def parse_topology(document: object, source: str = "<topology>") -> Topology:
         raise TopologyError(f"{source}: invalid topology:\n  {describe_validation_error(exc)}") from None
 
 
-def load_topology(path: str | Path, tenants_file: str | Path | None = None) -> Topology:
-    """Read and validate a topics.yaml file (plus a tenants file, if it exists).
-
-    Raises ``TopologyError`` naming the file and the key.
-    """
+def read_topology_file(path: str | Path) -> Topology:
+    """Read and validate a topics.yaml file alone (``schemas.tenants.load_topology`` adds the
+    tenants file). Raises ``TopologyError`` naming the file and the key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -237,9 +235,4 @@ def load_topology(path: str | Path, tenants_file: str | Path | None = None) -> T
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TopologyError(f"{path}: not valid YAML: {exc}") from None
-    topology = parse_topology(document, str(path))
-    if tenants_file is None:
-        return topology
-    from schemas.tenants import with_tenants_file
-
-    return with_tenants_file(topology, tenants_file)
+    return parse_topology(document, str(path))

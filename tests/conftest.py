@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from producer.admin import create_topics
-from producer.broker import EmbeddedBroker
+from broker.topics import create_topics
+from broker.embedded import EmbeddedBroker
 from schemas.settings import Settings
-from schemas.topology import Topology, load_topology
+from schemas.tenants import load_topology
+from schemas.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 

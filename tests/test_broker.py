@@ -7,7 +7,7 @@ import sys
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from producer.broker import EmbeddedBroker
+from broker.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_embedded_broker_starts_answers_and_stops(tmp_path):
 
 
 def test_cli_broker_prints_address_and_stops_on_sigterm():
-    with subprocess.Popen([sys.executable, "-m", "producer.cli", "broker"], stdout=subprocess.PIPE,
+    with subprocess.Popen([sys.executable, "-m", "tierq", "broker"], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True) as process:
         try:
             address = process.stdout.readline().strip()

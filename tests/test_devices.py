@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from producer.cli import main
+from tierq.cli import main
 from schemas.topology import Topology
 from worker.devices import GIB, Device, discover, format_table
 from worker.gpu_compat import parses_uuid, patch_platform, visible_mig_uuid

@@ -13,8 +13,8 @@ import confluent_kafka
 import orjson
 import pytest
 
-from producer.admin import create_topics
-from producer.broker import EmbeddedBroker, LocalS3, free_port
+from broker.topics import create_topics
+from broker.embedded import EmbeddedBroker, LocalS3, free_port
 from producer.client import Producer
 from schemas.codec import MessageError
 from schemas.messages import Band, ErrorCode, Status, utc_now

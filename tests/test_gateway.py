@@ -21,8 +21,8 @@ import pytest
 import pytest_asyncio
 import uvicorn
 
-from producer.admin import create_topics
-from producer.broker import free_port
+from broker.topics import create_topics
+from broker.embedded import free_port
 from producer.gateway.app import create_app
 from producer.gateway.settings import GatewaySettings
 from schemas.codec import decode_request

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.admin import create_topics
+from broker.topics import create_topics
 from schemas.topology import Topology
 from tests.conftest import isolated_topology
 from tests.worker_fixtures import publish, request
@@ -117,7 +117,7 @@ def test_workers_up_survives_a_sigkilled_worker_and_loses_nothing(bootstrap, bas
            "TIERQ_TENANTS_FILE": str(tmp_path / "tenants.yaml")}
     env.pop("TIERQ_BOOTSTRAP_SERVERS", None)
     state_file = tmp_path / "state" / "workers.json"
-    up = subprocess.Popen([sys.executable, "-m", "producer.cli", "workers", "up", "--cpu", "2",
+    up = subprocess.Popen([sys.executable, "-m", "tierq", "workers", "up", "--cpu", "2",
                            "--bootstrap", bootstrap, "--topics", str(topics_file),
                            "--log-dir", str(tmp_path / "logs")], env=env)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from producer.cli import main
+from tierq.cli import main
 from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.codec import MessageError, decode_request, encode
@@ -104,7 +104,7 @@ def test_producer_library_future_and_errors(settings, topology):
 
 def test_priority_above_max_can_be_lowered(settings, base_topology):
     from tests.conftest import isolated_topology
-    from producer.admin import create_topics
+    from broker.topics import create_topics
 
     document = isolated_topology(base_topology, "lower").model_dump(mode="json")
     document["tenants"]["globex"]["on_priority_above_max"] = "lower"

@@ -7,7 +7,7 @@ import jsonschema
 import orjson
 import pytest
 
-from producer.cli import main
+from tierq.cli import main
 from schemas.export import PACKAGED_DIR, SCHEMA_FILES, json_schemas
 
 ROOT = Path(__file__).resolve().parent.parent

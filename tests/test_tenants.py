@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import main
+from tierq.cli import main
 from schemas.tenants import ApiKeys, TenantsReloader, hash_api_key, new_api_key, read_tenants_file
-from schemas.topology import TopologyError, load_topology
+from schemas.tenants import load_topology
+from schemas.topology import TopologyError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from schemas.messages import Band
-from schemas.topology import TopologyError, load_topology
+from schemas.tenants import load_topology
+from schemas.topology import TopologyError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -34,7 +34,7 @@ def spawn_worker(settings, topics_path, model, group, name, log_path):
            "TIERQ_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--bootstrap", settings.bootstrap_servers,
+        [sys.executable, "-m", "tierq", "worker", "--bootstrap", settings.bootstrap_servers,
          "--topics", str(topics_path), "--model", model, "--max-num-seqs", "4"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from producer.admin import create_topics
+from broker.topics import create_topics
 from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.messages import Reply

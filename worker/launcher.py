@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from producer.broker import die_with_parent
+from broker.embedded import die_with_parent
 from schemas.topology import DeviceMatch, DeviceRule, Topology
 from worker.devices import GIB, Device
 
@@ -140,7 +140,7 @@ class Supervisor:
         self.workers = [Running(spec) for spec in specs]
         self.base_env = base_env
         self.state_file = state_file
-        self.command = command or [sys.executable, "-m", "producer.cli", "worker"]
+        self.command = command or [sys.executable, "-m", "tierq", "worker"]
         self.log_dir = log_dir
         self._stopping = 0
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections.abc import Iterator
 
 import structlog
 
-from producer.admin import create_topics
-from producer.broker import EmbeddedBroker
+from broker.embedded import local_broker
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
@@ -20,23 +17,6 @@ from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
 
 log = structlog.get_logger("tierq.runner")
-
-
-@contextlib.contextmanager
-def local_broker_if_needed(settings: WorkerSettings, topology: Topology) -> Iterator[WorkerSettings]:
-    """With no bootstrap servers configured, run the embedded broker and create the topics."""
-    if settings.bootstrap_servers:
-        yield settings
-        return
-    broker = EmbeddedBroker(log_path=settings.state_dir / "broker.log").start()
-    log.info("embedded_broker_started", bootstrap=broker.bootstrap,
-             note="no TIERQ_BOOTSTRAP_SERVERS: data lives in memory and is lost when this process exits")
-    try:
-        local = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
-        create_topics(local, topology)
-        yield local
-    finally:
-        broker.stop()
 
 
 def engine_config(settings: WorkerSettings, topology: Topology) -> EngineConfig:
@@ -70,7 +50,7 @@ def run_worker(settings: WorkerSettings, topology: Topology) -> int:
         from worker import metrics
 
         metrics.serve(settings.metrics_port)
-    with local_broker_if_needed(settings, topology) as settings:
+    with local_broker(settings, topology) as settings:
         prepare_for_mig()
         engine = Engine.start(engine_config(settings, topology))
         try:

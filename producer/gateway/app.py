@@ -21,7 +21,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter, Histogram
 
-from producer.admin import create_topics
+from broker.topics import create_topics
 from producer.batchfile import from_openai_body
 from producer.client import DeliveryError
 from producer.gateway.batches import BatchError, BatchService

