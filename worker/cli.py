@@ -18,11 +18,13 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
     """Worker settings from the environment, with the command-line options on top."""
     overrides: dict[str, Any] = {}
     for arg, field in (("bootstrap", "bootstrap_servers"), ("topics", "topics_file"), ("tenants_file", "tenants_file"),
-                       ("pool", "pool"),
+                       ("pool", "pool"), ("engine", "engine"),
                        ("model", "model"), ("max_num_seqs", "max_num_seqs"), ("metrics_port", "metrics_port")):
         value = getattr(args, arg, None)
         if value is not None:
             overrides[field] = value
+    if getattr(args, "sim_speed", None) is not None:
+        overrides["simulated"] = {"speed": args.sim_speed}  # merged with TIERQ_SIMULATED__* from the environment
     if getattr(args, "no_aging", False):
         overrides["aging"] = False
     return WorkerSettings(**overrides)
@@ -97,6 +99,12 @@ def engine_options() -> argparse.ArgumentParser:
     engine.add_argument("--pool", help="pool to serve (env TIERQ_POOL; default 'default')")
     engine.add_argument("--model", help="model path or name (env TIERQ_MODEL; default: a tiny local test model)")
     engine.add_argument("--max-num-seqs", type=int, help="engine slots (env TIERQ_MAX_NUM_SEQS)")
+    engine.add_argument("--engine", choices=["vllm", "simulated"],
+                        help="vllm (default), or simulated: no model, GPU batching modelled, for load tests "
+                             "(env TIERQ_ENGINE)")
+    engine.add_argument("--sim-speed", type=float, metavar="F",
+                        help="simulated engine speed, 2.0 = twice as fast as the reference H100 "
+                             "(env TIERQ_SIMULATED__SPEED)")
     engine.add_argument("--metrics-port", type=int, help="Prometheus port (env TIERQ_METRICS_PORT)")
     engine.add_argument("--no-aging", action="store_true", help="strict priority only, no aging promotion")
     return engine

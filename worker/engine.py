@@ -70,6 +70,22 @@ class Completion:
     completion_tokens: int
     first_token_at: datetime | None
     finished_at: datetime
+    simulated: bool = False  # True when made by worker.simulated.SimulatedEngine (no model ran)
+
+
+def check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """Reject a request that does not fit the model's context (shared by every engine)."""
+    if prompt_tokens >= max_model_len:
+        raise RequestRejected(
+            ErrorCode.prompt_too_long,
+            f"prompt has {prompt_tokens} tokens; the model allows {max_model_len} in all",
+        )
+    if prompt_tokens + max_tokens > max_model_len:
+        raise RequestRejected(
+            ErrorCode.invalid_request,
+            f"params.max_tokens: {max_tokens} + {prompt_tokens} prompt tokens exceeds the model's "
+            f"{max_model_len}; at most {max_model_len - prompt_tokens} fit",
+        )
 
 
 class Engine:
@@ -111,17 +127,7 @@ class Engine:
         return list(self._tokenizer.encode(request.prompt))
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens >= self.max_model_len:
-            raise RequestRejected(
-                ErrorCode.prompt_too_long,
-                f"prompt has {prompt_tokens} tokens; the model allows {self.max_model_len} in all",
-            )
-        if prompt_tokens + max_tokens > self.max_model_len:
-            raise RequestRejected(
-                ErrorCode.invalid_request,
-                f"params.max_tokens: {max_tokens} + {prompt_tokens} prompt tokens exceeds the model's "
-                f"{self.max_model_len}; at most {self.max_model_len - prompt_tokens} fit",
-            )
+        check_length(prompt_tokens, max_tokens, self.max_model_len)
 
     def sampling_params(self, request: Request) -> Any:
         from vllm import SamplingParams

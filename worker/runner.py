@@ -14,6 +14,7 @@ from worker.engine import Engine, EngineConfig
 from worker.gpu_compat import prepare_for_mig
 from worker.service import Worker
 from worker.settings import WorkerSettings
+from worker.simulated import SimulatedEngine
 from worker.tinymodel import make_tiny_model
 
 log = structlog.get_logger("tierq.runner")
@@ -44,6 +45,17 @@ async def serve(settings: WorkerSettings, topology: Topology, engine: Engine) ->
     return await worker.run()
 
 
+def start_engine(settings: WorkerSettings, topology: Topology) -> Engine | SimulatedEngine:
+    """vLLM, or with ``engine: simulated`` the simulated engine (no model, no GPU: nothing to prepare)."""
+    if settings.engine == "simulated":
+        engine = SimulatedEngine.from_settings(settings)
+        log.warning("simulated_engine", params=str(engine.params),
+                    note="TIERQ_ENGINE=simulated: no model runs; replies are filler text marked simulated")
+        return engine
+    prepare_for_mig()
+    return Engine.start(engine_config(settings, topology))
+
+
 def run_worker(settings: WorkerSettings, topology: Topology) -> int:
     """Serve the pool until SIGTERM/SIGINT (graceful; a second one aborts)."""
     if settings.metrics_port:
@@ -51,8 +63,7 @@ def run_worker(settings: WorkerSettings, topology: Topology) -> int:
 
         metrics.serve(settings.metrics_port)
     with local_broker(settings, topology) as settings:
-        prepare_for_mig()
-        engine = Engine.start(engine_config(settings, topology))
+        engine = start_engine(settings, topology)
         try:
             return asyncio.run(serve(settings, topology, engine))
         finally:

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.settings import Settings
+from worker.simulated import SimParams
+
+
+class SimulatedSettings(BaseModel):
+    """``TIERQ_SIMULATED__*``: the simulated engine's times (ms on the reference H100; see worker/simulated.py)."""
+
+    model_config = {"frozen": True}
+
+    speed: float = Field(default=SimParams.speed, gt=0, description="2.0 = twice as fast, 0.5 = half speed")
+    decode_base_ms: float = Field(default=SimParams.decode_base_ms, ge=0, description="a decode step's fixed part")
+    decode_per_seq_ms: float = Field(default=SimParams.decode_per_seq_ms, ge=0,
+                                     description="a decode step's part per running sequence")
+    prefill_ms_per_token: float = Field(default=SimParams.prefill_ms_per_token, ge=0,
+                                        description="prefill time per prompt token, in the step a sequence joins")
 
 
 class WorkerSettings(Settings):
@@ -20,6 +34,9 @@ class WorkerSettings(Settings):
     )
 
     pool: str = Field(default="default", description="pool whose three band topics this worker drains")
+    engine: Literal["vllm", "simulated"] = Field(
+        default="vllm", description="vllm, or simulated: no model, GPU batching modelled (load tests)")
+    simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
     group_id: str | None = Field(default=None, description="consumer group (default tierq-<pool>)")
     model: str | None = Field(default=None, description="model path or name; none: a tiny local test model")
     dtype: str = Field(default="auto", description="vLLM dtype (float32 on CPU)")
