@@ -67,6 +67,19 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from broker.status import StatusError, as_json, as_table, collect
+
+    settings = settings_from_args(args)
+    try:
+        pools = collect(settings, settings.load_topology(), pool=args.pool, group_id=args.group, timeout=args.timeout)
+    except StatusError as exc:
+        print(f"tierq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(as_json(pools) if args.json else as_table(pools))
+    return EXIT_OK
+
+
 def cmd_schema_export(args: argparse.Namespace) -> int:
     from schemas.export import export_json_schemas
 
@@ -108,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     topics = commands.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)
     topics.add_parser("create", parents=[common], help="create the topics of topics.yaml (idempotent)").set_defaults(
         func=cmd_topics_create)
+
+    status = commands.add_parser("status", parents=[common],
+                                 help="backlog, owning worker and oldest waiting request per pool, band and partition")
+    status.add_argument("--pool", help="only this pool (default: every pool of topics.yaml)")
+    status.add_argument("--group", help="the pool's consumer group, if the workers run with TIERQ_GROUP_ID "
+                                        "(default tierq-<pool>; needs --pool)")
+    status.add_argument("--json", action="store_true", help="a JSON list, one object per partition")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    status.set_defaults(func=cmd_status)
 
     schema = commands.add_parser("schema", help="message schemas").add_subparsers(dest="action", required=True)
     export = schema.add_parser("export", help="write JSON Schema files for the request and reply messages")
