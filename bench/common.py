@@ -28,7 +28,7 @@ from schemas.messages import Reply
 from schemas.tenants import load_topology
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
-from worker.service import Worker
+from worker.service import build_worker
 from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
 
@@ -118,7 +118,7 @@ class Phase:
                                        group_id=f"bench-{uuid.uuid4().hex[:8]}", worker_id="bench/worker",
                                        session_timeout_ms=6000, **worker_settings)
         self.topology = topo
-        self.worker = Worker(self.settings, topo, engine)
+        self.worker = build_worker(self.settings, topo, engine)
         self.producer = Producer(self.settings, topo, on_quota="off")
         self._task: asyncio.Task[int] | None = None
 

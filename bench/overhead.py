@@ -36,7 +36,7 @@ from schemas.messages import Request, utc_now
 from schemas.settings import Settings
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
-from worker.service import Worker
+from worker.service import build_worker
 from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
 
@@ -100,7 +100,7 @@ async def through_kafka(settings: WorkerSettings, topology: Topology, engine: En
                         broker: EmbeddedBroker) -> tuple[float, int, dict[str, float], list[float]]:
     """Requests through Kafka and the worker; returns (seconds, output tokens, CPU seconds by part,
     reply arrival times), CPU counted from the first request on (not the worker's start and group join)."""
-    worker = Worker(settings, topology, engine)
+    worker = build_worker(settings, topology, engine)
     serving = asyncio.create_task(worker.run())
     spawn = multiprocessing.get_context("spawn")
     ready, go, results = spawn.Event(), spawn.Event(), spawn.Queue()

@@ -163,6 +163,7 @@ class Reply(_Strict):
     attempt: int = 1
     timing: Timing = Field(default_factory=Timing)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    simulated: bool = Field(default=False, description="true when a simulated engine (load testing) made it: no model ran")
 
     @field_validator("schema_", mode="before")
     @classmethod

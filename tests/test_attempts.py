@@ -39,11 +39,11 @@ def test_an_assignment_sees_markers_written_after_the_ledger_loaded(settings, to
         assert ledger.assigned([low, (low[0], 1)])
         assert ledger.suspect_to == {low: 41, (low[0], 1): NOTHING_HELD}  # another group's marker is not ours
         assert ledger.counts == {"req-1": 2}
-        assert ledger.prior_attempts("fresh", low, 41) == 1 and ledger.counted("fresh", low, 41)
-        assert ledger.prior_attempts("fresh", low, 42) == 0 and not ledger.counted("fresh", low, 42)
-        assert ledger.prior_attempts("req-1", low, 100) == 2 and ledger.counted("req-1", low, 100)
+        assert ledger.prior_attempts("fresh", low, 41) == 1 and ledger.is_suspect("fresh", low, 41)
+        assert ledger.prior_attempts("fresh", low, 42) == 0 and not ledger.is_suspect("fresh", low, 42)
+        assert ledger.prior_attempts("req-1", low, 100) == 2 and ledger.is_suspect("req-1", low, 100)
         ledger.released([low])
-        assert not ledger.counted("fresh", low, 0)
+        assert not ledger.is_suspect("fresh", low, 0)
     finally:
         ledger.close()
 

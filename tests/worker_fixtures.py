@@ -18,7 +18,7 @@ from schemas.messages import Reply
 from schemas.topology import Topology
 from tests.conftest import isolated_topology
 from worker.engine import Engine, EngineConfig
-from worker.service import Worker
+from worker.service import build_worker
 from worker.settings import WorkerSettings
 from worker.tinymodel import make_tiny_model
 
@@ -56,7 +56,7 @@ def spawn_worker(engine: Any, bootstrap: str, topology: Topology, **overrides: A
         "bootstrap_servers": bootstrap, "max_num_seqs": ENGINE_SLOTS,
         "group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000, "worker_id": "test/worker",
     }
-    worker = Worker(WorkerSettings(_env_file=None, **{**values, **overrides}), topology, engine)
+    worker = build_worker(WorkerSettings(_env_file=None, **{**values, **overrides}), topology, engine)
     return worker, asyncio.get_running_loop().create_task(worker.run())
 
 

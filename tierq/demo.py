@@ -22,7 +22,7 @@ from worker.engine import Engine
 from schemas.logs import configure
 from broker.embedded import local_broker
 from worker.runner import engine_config
-from worker.service import Worker
+from worker.service import build_worker
 from worker.settings import WorkerSettings
 
 PROMPTS = ["Summarise the plot of Hamlet.", "Write a haiku about queues.", "Explain starvation aging.",
@@ -64,7 +64,7 @@ def table(replies: list[Reply]) -> str:
 
 
 async def _run(settings: WorkerSettings, topology: Topology, engine: Engine, docs: list[dict[str, Any]]) -> list[Reply]:
-    worker = Worker(settings, topology, engine)
+    worker = build_worker(settings, topology, engine)
     serving = asyncio.create_task(worker.run())
     while not worker.intake.assigned:  # group join; publishing earlier would count it as queueing
         if serving.done():

@@ -32,9 +32,8 @@ import orjson
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from broker.topics import PartitionKey
 from schemas.settings import Settings
-
-PartitionKey = tuple[str, int]
 
 #: Request ids cannot contain "/" (schemas.messages.REQUEST_ID_PATTERN), so marker keys never collide.
 MARKER_PREFIX = "held/"
@@ -158,9 +157,17 @@ class AttemptsLedger:
         """Whether a worker that died may have started this offset (it is at or below its marker)."""
         return offset <= self.suspect_to.get(tp, NOTHING_HELD)
 
-    def counted(self, request_id: str, tp: PartitionKey, offset: int) -> bool:
+    def is_suspect(self, request_id: str, tp: PartitionKey, offset: int) -> bool:
         """Whether this request is counted by request_id (a suspect) rather than covered by a marker."""
         return request_id in self.counts or self._inherited(tp, offset)
+
+    def record_count(self, request_id: str, attempts: int) -> None:
+        """Our own count write was acknowledged (reading it back would come later)."""
+        self.counts[request_id] = attempts
+
+    def forget_count(self, request_id: str) -> None:
+        """Our tombstone for this request is on its way."""
+        self.counts.pop(request_id, None)
 
     def prior_attempts(self, request_id: str, tp: PartitionKey, offset: int) -> int:
         """Engine attempts this request has had so far, as far as anyone can know."""

@@ -12,7 +12,7 @@ import gc
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.messages import ErrorCode, Request, utc_now
 
@@ -71,6 +71,25 @@ class Completion:
     first_token_at: datetime | None
     finished_at: datetime
     simulated: bool = False  # True when made by worker.simulated.SimulatedEngine (no model ran)
+
+
+class EngineAdapter(Protocol):
+    """What the worker needs of an engine: ``Engine`` (vLLM) or ``SimulatedEngine`` (load tests)."""
+
+    max_model_len: int
+
+    def render(self, request: Request) -> list[int]: ...
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None: ...
+
+    async def generate(self, request: Request, prompt_ids: list[int], priority: int) -> Completion:
+        """One completion; cancelling the awaiting task aborts it and frees its slot."""
+        ...
+
+    @property
+    def dead(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
 
 
 def check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:

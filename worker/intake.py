@@ -16,12 +16,11 @@ import confluent_kafka
 import structlog
 from confluent_kafka import TopicPartition
 
+from broker.topics import PartitionKey
 from schemas.messages import Band
 from schemas.settings import Settings
 
 log = structlog.get_logger("tierq.intake")
-
-PartitionKey = tuple[str, int]
 
 
 class Intake:
@@ -32,14 +31,13 @@ class Intake:
         group_id: str,
         *,
         session_timeout_ms: int = 10_000,
-        on_assigned: Callable[[list[PartitionKey]], None] | None = None,
-        on_revoked: Callable[[list[PartitionKey], bool], None] | None = None,
+        client_id: str | None = None,
     ):
         self.topic_band = {topic: band for band, topic in band_topics.items()}
         self.assigned: set[PartitionKey] = set()
         self.paused: set[PartitionKey] = set()
-        self._on_assigned = on_assigned
-        self._on_revoked = on_revoked
+        self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
+        self._on_revoked: Callable[[list[PartitionKey], bool], None] | None = None
         self._consumer = confluent_kafka.Consumer(settings.librdkafka(
             "worker",
             **{
@@ -58,10 +56,15 @@ class Intake:
                 # passes the thresholds above; keep that short so a high request is not left behind
                 "fetch.queue.backoff.ms": 20,
                 "fetch.error.backoff.ms": 100,
+                # the group's member list (`tierq status`) names the worker
+                **({"client.id": client_id} if client_id else {}),
             },
         ))
 
-    def subscribe(self) -> None:
+    def subscribe(self, on_assigned: Callable[[list[PartitionKey]], None],
+                  on_revoked: Callable[[list[PartitionKey], bool], None]) -> None:
+        """Join the group; the callbacks run inside ``poll`` (on the caller's thread)."""
+        self._on_assigned, self._on_revoked = on_assigned, on_revoked
         self._consumer.subscribe(
             list(self.topic_band), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )

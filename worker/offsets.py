@@ -9,24 +9,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-TopicPartitionKey = tuple[str, int]
+from broker.topics import PartitionKey
+
 
 
 class OffsetTracker:
     def __init__(self) -> None:
-        self._pending: dict[TopicPartitionKey, OrderedDict[int, bool]] = {}
-        self._committed: dict[TopicPartitionKey, int] = {}
+        self._pending: dict[PartitionKey, OrderedDict[int, bool]] = {}
+        self._committed: dict[PartitionKey, int] = {}
 
-    def received(self, tp: TopicPartitionKey, offset: int) -> None:
+    def received(self, tp: PartitionKey, offset: int) -> None:
         self._pending.setdefault(tp, OrderedDict())[offset] = False
 
-    def done(self, tp: TopicPartitionKey, offset: int) -> None:
+    def done(self, tp: PartitionKey, offset: int) -> None:
         """Mark done; ignored for partitions no longer owned (revoked meanwhile)."""
         offsets = self._pending.get(tp)
         if offsets is not None and offset in offsets:
             offsets[offset] = True
 
-    def committable(self) -> dict[TopicPartitionKey, int]:
+    def committable(self) -> dict[PartitionKey, int]:
         """Next offset to commit per partition, only where it advanced since last asked."""
         advanced = {}
         for tp, offsets in self._pending.items():
@@ -42,11 +43,11 @@ class OffsetTracker:
                 self._committed[tp] = last_done + 1
         return advanced
 
-    def outstanding(self, tp: TopicPartitionKey | None = None) -> int:
+    def outstanding(self, tp: PartitionKey | None = None) -> int:
         if tp is not None:
             return len(self._pending.get(tp, ()))
         return sum(len(o) for o in self._pending.values())
 
-    def forget(self, tp: TopicPartitionKey) -> None:
+    def forget(self, tp: PartitionKey) -> None:
         self._pending.pop(tp, None)
         self._committed.pop(tp, None)

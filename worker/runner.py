@@ -12,7 +12,7 @@ from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
 from worker.gpu_compat import prepare_for_mig
-from worker.service import Worker
+from worker.service import build_worker
 from worker.settings import WorkerSettings
 from worker.simulated import SimulatedEngine
 from worker.tinymodel import make_tiny_model
@@ -38,7 +38,7 @@ def engine_config(settings: WorkerSettings, topology: Topology) -> EngineConfig:
 async def serve(settings: WorkerSettings, topology: Topology, engine: Engine) -> int:
     reloader = TenantsReloader(settings.topics_file, settings.tenants_file,
                                on_error=lambda problem: log.error("tenants_reload_failed", problem=problem))
-    worker = Worker(settings, topology, engine, reloader=reloader)
+    worker = build_worker(settings, topology, engine, reloader=reloader)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.request_stop)

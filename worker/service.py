@@ -1,44 +1,51 @@
-"""The worker: intake -> admission -> engine -> reply -> commit, on one asyncio loop.
+"""The worker: one asyncio loop that wires intake -> triage -> admission -> engine -> reply -> commit.
 
-Everything that touches Kafka state runs on the loop's thread (rebalance callbacks and
-delivery callbacks fire inside ``poll``), so no locks are needed. The source offset of a
-request is marked done only in the delivery callback of its reply or DLQ record.
+Each concept lives in its own module; this one only orders them:
+- ``Intake`` (worker.intake): the Kafka consumer, pause/resume backpressure, rebalances;
+- ``Triage`` (worker.triage): a fetched record -> buffer | error reply | dead letter;
+- ``AdmissionPolicy`` (worker.admission): which buffered request starts next;
+- the engine adapter (worker.engine, or worker.simulated for load tests);
+- ``ReplyBuilder`` (worker.reply_builder) and ``ReplyWriter`` (worker.replies);
+- ``OffsetTracker`` (worker.offsets): what may be committed;
+- ``PoisonGuard`` (worker.poison): durable engine-attempt counts.
+
+Everything that touches Kafka state runs on the loop's thread (rebalance and delivery
+callbacks fire inside ``poll``), so no locks are needed. A source offset is marked done only
+in the delivery callback of its reply or DLQ record. The Kafka clients are passed in
+(``build_worker`` makes the real ones), so the loop also runs on in-memory fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from datetime import datetime
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from datetime import datetime
+from typing import NamedTuple
 
 import confluent_kafka
 import structlog
 
-from schemas.codec import InvalidMessage, MalformedMessage, decode_request
-from schemas.messages import REQUEST_ID_PATTERN, Band, ErrorCode, ErrorInfo, Reply, Request, Status, Timing, Usage, utc_now
+from broker.topics import PartitionKey
+from schemas.messages import BAND_ORDER, Band, ErrorCode, Reply, Request, Timing, utc_now
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
 from worker.admission import AdmissionPolicy, Pending, band_rules
-from worker.attempts import NOTHING_HELD, AttemptsLedger, HeldMarkers
-from worker.engine import Engine, EngineDead, EngineRequestError, RequestRejected
-from worker.intake import Intake, PartitionKey
+from worker.attempts import AttemptsLedger
+from worker.engine import EngineAdapter, EngineDead, EngineRequestError, RequestRejected
+from worker.intake import Intake
 from worker.offsets import OffsetTracker
+from worker.poison import Attempt, PoisonGuard
 from worker.replies import ReplyWriter
+from worker.reply_builder import ReplyBuilder
 from worker.settings import WorkerSettings
+from worker.triage import Answer, Buffer, DeadLetter, Triage
 
 log = structlog.get_logger("tierq.worker")
 
-_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 COMMIT_INTERVAL_S = 0.2
 GAUGE_INTERVAL_S = 0.25  # waiting/paused/slots gauges: scanning the buffer every loop turn costs CPU
-
-
-def _ms(start: datetime | None, end: datetime | None) -> float | None:
-    return None if start is None or end is None else round((end - start).total_seconds() * 1000, 3)
 
 
 class Buffered(NamedTuple):
@@ -63,8 +70,8 @@ def _source_partition(item: Pending) -> PartitionKey:
 class Worker:
     """One worker process: drains one pool into one engine."""
 
-    def __init__(self, settings: WorkerSettings, topology: Topology, engine: Engine,
-                 reloader: TenantsReloader | None = None):
+    def __init__(self, settings: WorkerSettings, topology: Topology, engine: EngineAdapter, *,
+                 intake: Intake, writer: ReplyWriter, guard: PoisonGuard, reloader: TenantsReloader | None = None):
         if settings.pool not in topology.pools:
             raise ValueError(f"unknown pool {settings.pool!r} (pools: {', '.join(topology.pools)})")
         self.settings = settings
@@ -77,15 +84,13 @@ class Worker:
             tenant_caps=_tenant_caps(topology),
             aging=settings.aging,
         )
+        self.triage = Triage(self.pool, topology.tenants, engine, settings.max_attempts)
+        self.replies = ReplyBuilder(settings.worker_id)
         self.reloader = reloader
         self.tracker = OffsetTracker()
-        group_id = settings.group_id or f"tierq-{self.pool}"
-        self.writer = ReplyWriter(settings, topology.dlq.topic, topology.attempts.topic)
-        self.attempts = AttemptsLedger(settings, topology.attempts.topic, group_id)
-        self.held = HeldMarkers(self.writer, group_id)
-        self.intake = Intake(settings, topology.pool_topics(self.pool), group_id=group_id,
-                             session_timeout_ms=settings.session_timeout_ms,
-                             on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+        self.intake = intake
+        self.writer = writer
+        self.guard = guard
         self.tasks_by_partition: dict[PartitionKey, set[asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._stop_requested_at: float | None = None
@@ -118,7 +123,7 @@ class Worker:
         """Wait (logging why) until the broker answers and the topics exist; False if stopped first."""
         delay = 0.5
         while self._stop_requested_at is None:
-            problem = await asyncio.to_thread(self.attempts.connect, 5.0)
+            problem = await asyncio.to_thread(self.guard.connect, 5.0)
             if problem is None:
                 return True
             log.warning("waiting_for_broker", problem=problem, retry_in_s=delay,
@@ -131,10 +136,10 @@ class Worker:
         """Serve until stopped; return the process exit status (non-zero: restart me)."""
         if not await self._wait_for_broker():
             self.intake.close()
-            self.attempts.close()
+            self.guard.close()
             return 0
-        await asyncio.to_thread(self.attempts.load)
-        self.intake.subscribe()
+        await asyncio.to_thread(self.guard.load)
+        self.intake.subscribe(on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         log.info("worker_started", pool=self.pool, worker=self.settings.worker_id,
                  slots=self.settings.max_num_seqs, capacity=self.policy.capacity)
         last_commit = last_gauges = 0.0
@@ -147,22 +152,11 @@ class Worker:
                 if self._stop_requested_at is not None and self._drained_or_out_of_time():
                     break
                 if self._stop_requested_at is None:
-                    messages = self.intake.poll()
-                    if self.fatal:  # an assignment we cannot serve safely
-                        continue
-                    for msg in messages:
-                        self._accept(msg)
-                    self._cover(messages)
-                    now = time.time()
-                    self._expire(now)
-                    self._admit(now)
-                    if messages or self.intake.paused:  # buffers only grow on intake, only shrink to resume
-                        self.intake.apply_backpressure(self.policy.waiting_by(_source_partition),
-                                                       self.settings.prefetch)
+                    self._intake_turn()
                 else:
                     self.intake.poll(0)  # keep the group membership alive while draining
                 self._reload_tenants()
-                self.attempts.poll()
+                self.guard.poll()
                 self.writer.poll()
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     self.intake.commit(self.tracker.committable())
@@ -174,6 +168,22 @@ class Worker:
         finally:
             await self._shutdown()
         return 0
+
+    def _intake_turn(self) -> None:
+        """Fetch what arrived, triage it, expire and admit; pause partitions that are full."""
+        messages = self.intake.poll()
+        if self.fatal:  # an assignment we cannot serve safely
+            return
+        highest: dict[PartitionKey, int] = {}
+        for msg in messages:
+            self._accept(msg)
+            highest[(msg.topic(), msg.partition())] = msg.offset()  # offsets only grow within a batch
+        self.guard.fetched(highest)
+        now = time.time()
+        self._expire(now)
+        self._admit(now)
+        if messages or self.intake.paused:  # buffers only grow on intake, only shrink to resume
+            self.intake.apply_backpressure(self.policy.waiting_by(_source_partition), self.settings.prefetch)
 
     def _drained_or_out_of_time(self) -> bool:
         assert self._stop_requested_at is not None
@@ -195,9 +205,9 @@ class Worker:
         if not self.fatal:
             self.writer.flush(10)  # delivery callbacks mark the last offsets done
             self.intake.commit(self.tracker.committable(), asynchronous=False)
-            self._release_markers(list(self.intake.assigned))
+            self.guard.released(list(self.intake.assigned), clean=True)
         self.intake.close()  # may revoke partitions, which flushes the writer and commits
-        self.attempts.close()
+        self.guard.close()
         self.writer.close()
         log.info("worker_stopped", served=self.served, fatal=self.fatal)
 
@@ -205,6 +215,7 @@ class Worker:
         if self.reloader is None or (topology := self.reloader.reload(self.topology)) is None:
             return
         self.topology = topology
+        self.triage.tenants = topology.tenants
         self.policy.tenant_caps = _tenant_caps(topology)
         log.info("tenants_reloaded", tenants=sorted(topology.tenants))
 
@@ -212,164 +223,86 @@ class Worker:
 
     def _accept(self, msg: confluent_kafka.Message) -> None:
         received_at = utc_now()
-        source = (msg.topic(), msg.partition(), msg.offset())
-        tp = (msg.topic(), msg.partition())
-        self.tracker.received(tp, msg.offset())
+        tp, offset = (msg.topic(), msg.partition()), msg.offset()
+        self.tracker.received(tp, offset)
         band = self.intake.topic_band[msg.topic()]
-        done = self._marker(tp, msg.offset())
-        try:
-            request = decode_request(msg.value() or b"")
-        except MalformedMessage as exc:
-            self._dead_letter(msg, source, f"malformed: {exc.message}", done)
-            return
-        except InvalidMessage as exc:
-            self._reject_invalid(msg, source, exc, band, done)
-            return
-        if request.tenant_id not in self.topology.tenants:  # no reply topic to answer on
-            self._dead_letter(msg, source, f"unknown_tenant: unknown tenant {request.tenant_id!r}", done)
-            return
-        problem = self._check_route(request, band, tp, msg.offset())
-        if problem is not None:
-            self._reply_error(request.request_id, request.tenant_id, request.metadata, band, problem, done,
-                              submitted_at=request.submitted_at)
-            return
-        self._buffer(request, band, tp, msg.offset(), done, received_at)
+        done = self._offset_done_callback(tp, offset)
+        verdict = self.triage.classify(msg.value(), band, lambda rid: self.guard.prior_attempts(rid, tp, offset))
+        if isinstance(verdict, Buffer):
+            request = verdict.request
+            deadline = request.deadline.timestamp() if request.deadline else float("inf")
+            self.policy.add(Pending(
+                request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
+                cost=len(verdict.prompt_ids) + request.params.max_tokens, deadline_ts=deadline,
+                payload=Buffered(request, verdict.prompt_ids, tp, offset, done, received_at),
+            ))
+        elif isinstance(verdict, Answer):
+            log.info("request_rejected", request_id=verdict.request_id, tenant=verdict.tenant_id,
+                     code=verdict.code.value, reason=verdict.message)
+            self._send(self.replies.refused(verdict.request_id, verdict.tenant_id, verdict.metadata, band,
+                                            verdict.code, verdict.message, verdict.submitted_at), band, done)
+        else:
+            self._dead_letter(msg, verdict, done)
 
-    def _marker(self, tp: PartitionKey, offset: int) -> Any:
+    def _offset_done_callback(self, tp: PartitionKey, offset: int) -> Callable[[], None]:
+        """Called once the record's reply or dead letter is durable: the offset may be committed."""
         return lambda: self.tracker.done(tp, offset)
 
-    def _dead_letter(self, msg: confluent_kafka.Message, source: tuple[str, int, int], reason: str, done: Any) -> None:
-        log.warning("dead_lettered", topic=source[0], partition=source[1], offset=source[2], reason=reason)
-        metrics.dead_letters.labels(reason.split(":", 1)[0]).inc()
-        self.writer.dead_letter(msg.value(), source, reason, key=msg.key(), on_durable=done)
-
-    def _reject_invalid(self, msg: confluent_kafka.Message, source: tuple[str, int, int], exc: InvalidMessage,
-                        band: Band, done: Any) -> None:
-        """Answer an invalid request when we know whom to answer, else dead-letter it."""
-        doc = exc.document if isinstance(exc.document, dict) else {}
-        request_id, tenant_id = doc.get("request_id"), doc.get("tenant_id")
-        if (isinstance(request_id, str) and _REQUEST_ID.match(request_id)
-                and isinstance(tenant_id, str) and tenant_id in self.topology.tenants):
-            metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-            self._reply_error(request_id, tenant_id, metadata, band, (exc.code, exc.message), done)
-        else:
-            self._dead_letter(msg, source, f"{exc.code.value}: {exc.message}", done)
-
-    def _check_route(self, request: Request, band: Band, tp: PartitionKey, offset: int) -> tuple[ErrorCode, str] | None:
-        tenant = self.topology.tenants[request.tenant_id]
-        if request.pool != self.pool:
-            return ErrorCode.unknown_pool, f"request for pool {request.pool!r} arrived on pool {self.pool!r}'s topic"
-        if band.rank < tenant.max_priority.rank:
-            return (ErrorCode.forbidden_priority,
-                    f"tenant {request.tenant_id!r} may use priority {tenant.max_priority.value} at most")
-        attempts = self.attempts.prior_attempts(request.request_id, tp, offset)
-        if attempts >= self.settings.max_attempts:
-            return (ErrorCode.engine_error,
-                    f"request abandoned after {attempts} engine attempts (it may crash the engine)")
-        return None
-
-    def _cover(self, messages: list[confluent_kafka.Message]) -> None:
-        """Write the held-to markers for a fetched batch: one per partition, not one per request."""
-        highest: dict[PartitionKey, int] = {}
-        for msg in messages:
-            tp = (msg.topic(), msg.partition())
-            highest[tp] = max(highest.get(tp, NOTHING_HELD), msg.offset())
-        for tp, offset in highest.items():
-            self.held.cover(tp, offset)
-
-    def _buffer(self, request: Request, band: Band, tp: PartitionKey, offset: int, done: Any,
-                received_at: datetime) -> None:
-        try:
-            prompt_ids = self.engine.render(request)
-            self.engine.check_length(len(prompt_ids), request.params.max_tokens)
-        except RequestRejected as exc:
-            self._reply_error(request.request_id, request.tenant_id, request.metadata, band,
-                              (exc.code, exc.message), done, submitted_at=request.submitted_at)
-            return
-        deadline = request.deadline.timestamp() if request.deadline else float("inf")
-        self.policy.add(Pending(
-            request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
-            cost=len(prompt_ids) + request.params.max_tokens, deadline_ts=deadline,
-            payload=Buffered(request, prompt_ids, tp, offset, done, received_at),
-        ))
+    def _dead_letter(self, msg: confluent_kafka.Message, verdict: DeadLetter, done: Callable[[], None]) -> None:
+        source = (msg.topic(), msg.partition(), msg.offset())
+        log.warning("dead_lettered", topic=source[0], partition=source[1], offset=source[2], reason=verdict.reason)
+        metrics.dead_letters.labels(verdict.reason.split(":", 1)[0]).inc()
+        self.writer.dead_letter(msg.value(), source, verdict.reason, key=msg.key(), on_durable=done)
 
     def _expire(self, now: float) -> None:
         for item in self.policy.take_expired(now):
-            request, done = item.payload.request, item.payload.done
-            reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band,
-                                Status.expired, error=ErrorInfo(code=ErrorCode.deadline_exceeded,
-                                message=f"deadline {request.deadline.isoformat()} passed before admission"),
-                                timing=Timing(submitted_at=request.submitted_at, finished_at=utc_now()))
-            self._send(reply, item.band, done)
+            self._send(self.replies.expired(item.payload.request, item.band), item.band, item.payload.done)
 
     # ---- admission and serving -------------------------------------------------------
 
     def _admit(self, now: float) -> None:
+        loop = asyncio.get_running_loop()
         while (item := self.policy.next(now)) is not None:
-            tp = item.payload.tp
-            task = asyncio.get_running_loop().create_task(self._serve(item))
-            tasks = self.tasks_by_partition.setdefault(tp, set())
+            task = loop.create_task(self._serve(item))
+            tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            # the slot is freed when the task ends, however it ends (even cancelled before it started)
+            task.add_done_callback(lambda t, item=item, tasks=tasks: self._slot_freed(item, t, tasks))
             served_as = item.served_as or item.band
             metrics.admitted.labels(item.band.value, served_as.value, item.tenant_id).inc()
             if served_as is not item.band:
                 metrics.promotions.labels(item.band.value).inc()
 
+    def _slot_freed(self, item: Pending, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
+        tasks.discard(task)
+        self.policy.finished(item)
+        self._wake.set()
+
     async def _serve(self, item: Pending) -> None:
-        request, prompt_ids, tp, offset, done, received_at = item.payload
+        buffered: Buffered = item.payload
+        request = buffered.request
         served_as = item.served_as or item.band
         dequeued_at = utc_now()
-        counted = False
+        attempt: Attempt | None = None
+        reply: Reply
         try:
-            attempt, counted = await self._start_attempt(request.request_id, tp, offset)
-            completion = await self.engine.generate(request, prompt_ids, priority=served_as.rank)
+            attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
+            completion = await self.engine.generate(request, buffered.prompt_ids, priority=served_as.rank)
         except RequestRejected as exc:
-            reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band, Status.error,
-                                error=ErrorInfo(code=exc.code, message=exc.message), served_as=served_as,
-                                timing=Timing(submitted_at=request.submitted_at, received_at=received_at,
-                                              dequeued_at=dequeued_at, finished_at=utc_now()))
+            reply = self.replies.failed(request, item.band, served_as, exc.code, exc.message,
+                                        received_at=buffered.received_at, dequeued_at=dequeued_at)
         except EngineRequestError as exc:
             log.error("engine_request_failed", request_id=request.request_id, tenant=request.tenant_id, error=str(exc))
-            reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band, Status.error,
-                                error=ErrorInfo(code=ErrorCode.engine_error, message=str(exc)), served_as=served_as,
-                                timing=Timing(submitted_at=request.submitted_at, received_at=received_at,
-                                              dequeued_at=dequeued_at, finished_at=utc_now()))
+            reply = self.replies.failed(request, item.band, served_as, ErrorCode.engine_error, str(exc),
+                                        received_at=buffered.received_at, dequeued_at=dequeued_at)
         except EngineDead as exc:
             self.fatal = f"engine died: {exc}"
             return
         else:
-            timing = Timing(
-                submitted_at=request.submitted_at, received_at=received_at, dequeued_at=dequeued_at,
-                first_token_at=completion.first_token_at, finished_at=completion.finished_at,
-                queue_ms=_ms(request.submitted_at, dequeued_at), ttft_ms=_ms(dequeued_at, completion.first_token_at),
-                e2e_ms=_ms(request.submitted_at, completion.finished_at),
-            )
-            reply = self._reply(request.request_id, request.tenant_id, request.metadata, item.band, Status.ok,
-                                text=completion.text, finish_reason=completion.finish_reason, served_as=served_as,
-                                usage=Usage(prompt_tokens=completion.prompt_tokens,
-                                            completion_tokens=completion.completion_tokens),
-                                attempt=attempt, timing=timing)
-            self._observe(item.band, timing, completion.completion_tokens)
-        finally:
-            self.policy.finished(item)
-            self._wake.set()
-        self._send(reply, item.band, done, clear_attempts=counted)
-
-    async def _start_attempt(self, request_id: str, tp: PartitionKey, offset: int) -> tuple[int, bool]:
-        """Make this attempt durable before the engine sees the request: its partition's held-to
-        marker, or for a suspect (see worker.attempts) its own count. Returns (attempt, counted)."""
-        attempt = self.attempts.prior_attempts(request_id, tp, offset) + 1
-        if not self.attempts.counted(request_id, tp, offset):
-            await self.held.wait_covered(tp, offset)
-            return attempt, False
-        durable = asyncio.get_running_loop().create_future()
-        self.writer.count_attempt(request_id, attempt,
-                                  on_durable=lambda: durable.done() or durable.set_result(None))
-        self._wake.set()
-        await durable
-        self.attempts.counts[request_id] = attempt
-        return attempt, True
+            reply = self.replies.served(request, item.band, served_as, completion, attempt=attempt.number,
+                                        received_at=buffered.received_at, dequeued_at=dequeued_at)
+            self._observe(item.band, reply.timing, completion.completion_tokens)
+        self._send(reply, item.band, buffered.done, attempt)
 
     @staticmethod
     def _observe(band: Band, timing: Timing, completion_tokens: int) -> None:
@@ -382,28 +315,10 @@ class Worker:
             metrics.e2e_seconds.labels(label).observe(timing.e2e_ms / 1000)
         metrics.tokens.labels(label).inc(completion_tokens)
 
-    # ---- replies ---------------------------------------------------------------------
-
-    def _reply(self, request_id: str, tenant_id: str, metadata: dict[str, Any], band: Band, status: Status,
-               **fields: Any) -> Reply:
-        return Reply(request_id=request_id, tenant_id=tenant_id, status=status, priority=band,
-                     worker=self.settings.worker_id, metadata=metadata, **fields)
-
-    def _reply_error(self, request_id: str, tenant_id: str, metadata: dict[str, Any], band: Band,
-                     problem: tuple[ErrorCode, str], done: Any, submitted_at: datetime | None = None) -> None:
-        code, message = problem
-        log.info("request_rejected", request_id=request_id, tenant=tenant_id, code=code.value, reason=message)
-        reply = self._reply(request_id, tenant_id, metadata, band, Status.error,
-                            error=ErrorInfo(code=code, message=message),
-                            timing=Timing(submitted_at=submitted_at, finished_at=utc_now()))
-        self._send(reply, band, done)
-
-    def _send(self, reply: Reply, band: Band, done: Any, clear_attempts: bool = False) -> None:
+    def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
         def durable() -> None:
             done()
-            if clear_attempts:
-                self.writer.clear_attempts(reply.request_id)
-                self.attempts.counts.pop(reply.request_id, None)
+            self.guard.answered(reply.request_id, attempt)
 
         self.served += 1
         metrics.replies.labels(band.value, reply.status.value, reply.tenant_id).inc()
@@ -413,19 +328,10 @@ class Worker:
 
     def _on_assigned(self, partitions: list[PartitionKey]) -> None:
         """Read the attempts topic to its end first: a dead predecessor's marker makes suspects."""
-        if not self.attempts.assigned(partitions):
+        if not self.guard.assigned(partitions):
             self.fatal = "cannot read the attempts topic to its end (a dead worker's marker may be unknown)"
             return
-        for tp in partitions:
-            if (held_to := self.attempts.suspect_to[tp]) != NOTHING_HELD:
-                log.warning("inherited_suspects", topic=tp[0], partition=tp[1], held_to=held_to,
-                            why="the previous owner died or lost the partition; requests up to this "
-                                "offset are counted as attempted once")
-
-    def _release_markers(self, partitions: list[PartitionKey]) -> None:
-        """Clean release: put back the marker we inherited (nothing we held was started by a dead worker)."""
-        if self.held.release(partitions, clean=True, inherited=self.attempts.suspect_to):
-            self.writer.flush(5)
+        self._warn_if_a_band_is_missing()
 
     def _on_revoked(self, partitions: list[PartitionKey], lost: bool) -> None:
         """Stop work from partitions we no longer own; commit what is done unless they are lost."""
@@ -438,13 +344,19 @@ class Worker:
             self.writer.flush(5)
             self.intake.commit({tp: o for tp, o in self.tracker.committable().items() if tp in revoked},
                                asynchronous=False)
-        if lost or self.fatal:  # the marker stays: whoever gets these partitions counts what we held
-            self.held.release(partitions, clean=False, inherited={})
-        else:
-            self._release_markers(partitions)
-        self.attempts.released(partitions)
+        self.guard.released(partitions, clean=not (lost or self.fatal))
         for tp in partitions:
             self.tracker.forget(tp)
+
+    def _warn_if_a_band_is_missing(self) -> None:
+        """A worker without partitions of a band cannot serve that band: the pool's priority
+        holds only if partitions per band >= workers (see topics.yaml)."""
+        held = {self.intake.topic_band[topic] for topic, _partition in self.intake.assigned}
+        missing = [band.value for band in BAND_ORDER if band not in held]
+        if missing and self.intake.assigned:
+            log.warning("band_without_partitions", bands=missing,
+                        why="more workers in the pool than partitions of these bands; raise their partitions "
+                            "in topics.yaml and run `tierq topics create`")
 
     def _update_gauges(self) -> None:
         for band, count in self.policy.waiting_by_band().items():
@@ -452,3 +364,14 @@ class Worker:
         for band, count in self.intake.paused_by_band().items():
             metrics.paused.labels(band.value).set(count)
         metrics.slots_in_use.set(self.policy.in_flight)
+
+
+def build_worker(settings: WorkerSettings, topology: Topology, engine: EngineAdapter,
+                 reloader: TenantsReloader | None = None) -> Worker:
+    """A Worker wired to real Kafka clients: the pool's consumer group, one idempotent writer."""
+    group_id = settings.group_id or f"tierq-{settings.pool}"
+    writer = ReplyWriter(settings, topology.dlq.topic, topology.attempts.topic)
+    guard = PoisonGuard(AttemptsLedger(settings, topology.attempts.topic, group_id), writer, group_id)
+    intake = Intake(settings, topology.pool_topics(settings.pool), group_id=group_id,
+                    session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id)
+    return Worker(settings, topology, engine, intake=intake, writer=writer, guard=guard, reloader=reloader)

@@ -1,0 +1,63 @@
+"""Reply building: the one place that turns an outcome into a ``tierq.reply/v1`` message.
+
+Served, failed, expired and refused requests all get their reply here, so every reply
+carries the same fields (worker, band, timing, metadata) whichever path produced it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from schemas.messages import Band, ErrorCode, ErrorInfo, Reply, Request, Status, Timing, Usage, utc_now
+from worker.engine import Completion
+
+
+def _ms(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else round((end - start).total_seconds() * 1000, 3)
+
+
+class ReplyBuilder:
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+
+    def served(self, request: Request, band: Band, served_as: Band, completion: Completion, *, attempt: int,
+               received_at: datetime, dequeued_at: datetime) -> Reply:
+        timing = Timing(
+            submitted_at=request.submitted_at, received_at=received_at, dequeued_at=dequeued_at,
+            first_token_at=completion.first_token_at, finished_at=completion.finished_at,
+            queue_ms=_ms(request.submitted_at, dequeued_at), ttft_ms=_ms(dequeued_at, completion.first_token_at),
+            e2e_ms=_ms(request.submitted_at, completion.finished_at),
+        )
+        return self._reply(request.request_id, request.tenant_id, request.metadata, band, Status.ok,
+                           text=completion.text, finish_reason=completion.finish_reason, served_as=served_as,
+                           usage=Usage(prompt_tokens=completion.prompt_tokens,
+                                       completion_tokens=completion.completion_tokens),
+                           attempt=attempt, timing=timing, simulated=completion.simulated)
+
+    def failed(self, request: Request, band: Band, served_as: Band, code: ErrorCode, message: str, *,
+               received_at: datetime, dequeued_at: datetime) -> Reply:
+        """The engine refused or failed this request after admission."""
+        timing = Timing(submitted_at=request.submitted_at, received_at=received_at, dequeued_at=dequeued_at,
+                        finished_at=utc_now())
+        return self._reply(request.request_id, request.tenant_id, request.metadata, band, Status.error,
+                           error=ErrorInfo(code=code, message=message), served_as=served_as, timing=timing)
+
+    def expired(self, request: Request, band: Band) -> Reply:
+        assert request.deadline is not None
+        message = f"deadline {request.deadline.isoformat()} passed before admission"
+        return self._reply(request.request_id, request.tenant_id, request.metadata, band, Status.expired,
+                           error=ErrorInfo(code=ErrorCode.deadline_exceeded, message=message),
+                           timing=Timing(submitted_at=request.submitted_at, finished_at=utc_now()))
+
+    def refused(self, request_id: str, tenant_id: str, metadata: dict[str, Any], band: Band, code: ErrorCode,
+                message: str, submitted_at: datetime | None = None) -> Reply:
+        """Refused before admission (invalid, wrong pool or band, too long, abandoned)."""
+        return self._reply(request_id, tenant_id, metadata, band, Status.error,
+                           error=ErrorInfo(code=code, message=message),
+                           timing=Timing(submitted_at=submitted_at, finished_at=utc_now()))
+
+    def _reply(self, request_id: str, tenant_id: str, metadata: dict[str, Any], band: Band, status: Status,
+               **fields: Any) -> Reply:
+        return Reply(request_id=request_id, tenant_id=tenant_id, status=status, priority=band,
+                     worker=self.worker_id, metadata=metadata, **fields)
