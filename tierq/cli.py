@@ -56,15 +56,23 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
-    from broker.topics import create_topics
+    from broker.topics import GROWTH_WARNING, create_topics, grow_topics
 
     settings = settings_from_args(args)
-    outcome = create_topics(settings, settings.load_topology())
+    topology = settings.load_topology()
+    outcome = create_topics(settings, topology)
+    changes = grow_topics(settings, topology, [t for t, state in outcome.items() if state == "exists"])
     for topic, state in outcome.items():
-        print(f"{state:8} {topic}")
+        change = changes.get(topic)
+        note = f"  ({change.problem})" if change is not None and change.problem else ""
+        print(f"{change.state if change is not None else state:8} {topic}{note}")
     created = sum(1 for s in outcome.values() if s == "created")
-    print(f"tierq: {created} created, {len(outcome) - created} already existed", file=sys.stderr)
-    return EXIT_OK
+    grown = sum(1 for c in changes.values() if c.grown)
+    print(f"tierq: {created} created, {grown} grown, {len(outcome) - created - grown} already existed",
+          file=sys.stderr)
+    if grown:
+        print(f"tierq: warning: {GROWTH_WARNING}", file=sys.stderr)
+    return EXIT_FAILED if any(c.failed for c in changes.values()) else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -119,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     broker.set_defaults(func=cmd_broker)
 
     topics = commands.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)
-    topics.add_parser("create", parents=[common], help="create the topics of topics.yaml (idempotent)").set_defaults(
-        func=cmd_topics_create)
+    topics.add_parser("create", parents=[common],
+                      help="create the topics of topics.yaml, add partitions where it asks for more (idempotent)"
+                      ).set_defaults(func=cmd_topics_create)
 
     status = commands.add_parser("status", parents=[common],
                                  help="backlog, owning worker and oldest waiting request per pool, band and partition")
