@@ -12,6 +12,10 @@ from schemas.settings import Settings
 from schemas.topology import Topology
 
 
+#: A partition as (topic, partition): the key of every per-partition table in tierq.
+PartitionKey = tuple[str, int]
+
+
 class TopicCreationError(RuntimeError):
     pass
 
