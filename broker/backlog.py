@@ -16,9 +16,8 @@ import confluent_kafka
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from broker.topics import PartitionKey
 from schemas.settings import Settings
-
-PartitionKey = tuple[str, int]
 
 #: how long a topic's partition list is trusted before its metadata is read again
 METADATA_MAX_AGE_S = 30.0

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from broker.backlog import BacklogError, BacklogReader, PartitionKey
+from broker.backlog import BacklogError, BacklogReader
+from broker.topics import PartitionKey
 from schemas.messages import BAND_ORDER
 from schemas.settings import Settings
 from schemas.topology import Topology
