@@ -65,7 +65,9 @@ class BacklogReader:
 
     def __init__(self, settings: Settings, group_id: str):
         self.group_id = group_id
-        self._admin = AdminClient(settings.librdkafka("backlog-admin"))
+        # a metadata request for one topic would create it where the broker auto-creates topics
+        # (Tansu always does; Kafka with auto.create.topics.enable) unless the client says not to
+        self._admin = AdminClient(settings.librdkafka("backlog-admin", **{"allow.auto.create.topics": False}))
         self._consumer = confluent_kafka.Consumer(settings.librdkafka("backlog", **{
             # never used to join, commit or fetch offsets: librdkafka merely requires one
             "group.id": f"tierq-backlog-{uuid.uuid4().hex}",
