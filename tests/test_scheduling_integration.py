@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from schemas.messages import Band
-from tests.worker_fixtures import ENGINE_SLOTS, collect, custom_topology, publish, request
+from tests.worker_fixtures import ENGINE_SLOTS, Publisher, collect, custom_topology, publish, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -43,12 +43,12 @@ async def test_reserved_slots_let_a_high_burst_start_while_lows_run(settings, ba
     topology = custom_topology(base_topology, settings,
                                bands={**NO_AGING, "high": {"reserved_slots": 2}, "medium": {"reserved_slots": 0,
                                                                                            "aging_step_s": None}})
-    worker = start_worker(topology, engine_queue=0)
-    lows = publish(settings, topology, [request(priority="low", max_tokens=450) for _ in range(6)])
-    while worker.policy.in_flight < 2:  # both low-band slots taken; the proof is in the timings below
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.05)  # let the admitted lows reach the engine (publish below blocks the loop)
-    highs = publish(settings, topology, [request(priority="high", max_tokens=4) for _ in range(2)])
+    with Publisher(settings, topology) as publisher:  # warm before the clock starts; sends off the loop
+        worker = start_worker(topology, engine_queue=0)
+        lows = await publisher.send([request(priority="low", max_tokens=450) for _ in range(6)])
+        while worker.policy.in_flight < 2:  # both low-band slots taken; the proof is in the timings below
+            await asyncio.sleep(0.005)
+        highs = await publisher.send([request(priority="high", max_tokens=4) for _ in range(2)])
     replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=8)}
     for rid in highs:
         high = replies[rid]
@@ -119,19 +119,18 @@ async def test_fair_share_between_tenants_in_one_band(settings, base_topology, s
     assert globex_queue < acme_queue
 
 
-async def _trickle(settings, topology, tenant: str, rounds: int, per_round: int) -> list[str]:
-    """``rounds`` small bursts, 1 s apart, from one long-lived producer: a tenant using no
-    more than its share, whose queue time is not inflated by producer start-up."""
-    from producer.client import Producer
-
+async def _trickle(settings, topology, publisher: Publisher, tenant: str, rounds: int, per_round: int,
+                   answered: int, before_round=None) -> list[str]:
+    """``rounds`` bursts of ``per_round`` requests (a tenant using no more than its share), each
+    sent once the previous burst is answered (``answered``: the tenant's replies so far):
+    driven by replies, not by the clock."""
     ids: list[str] = []
-    with Producer(settings, topology, on_quota="off") as producer:
-        producer.submit(request(tenant, "low", max_tokens=1)).result(timeout=30)  # connected
-        for _ in range(rounds):
-            futures = [producer.submit(request(tenant, "low", max_tokens=8)) for _ in range(per_round)]
-            producer.flush(30)
-            ids += [f.result(timeout=30).request_id for f in futures]
-            await asyncio.sleep(1.0)
+    for _ in range(rounds):
+        if before_round is not None:
+            await before_round()
+        ids += await publisher.send([request(tenant, "low", max_tokens=8) for _ in range(per_round)])
+        answered += per_round
+        await collect(settings, topology, tenant, expect=answered)
     return ids
 
 
@@ -143,31 +142,54 @@ def _partition_of(settings, topology, tenant: str) -> int:
 
 
 async def test_a_flooding_tenant_does_not_delay_another_beyond_its_share(settings, base_topology, start_worker):
-    """X floods the low band with 10x Y's requests. Each tenant's in-flight cap is half the
-    engine (its fair share) and X's full buffer pauses only X's partition, so Y's requests,
-    sent in bursts that fit its share, reach the worker and start at once: no X request is
-    admitted while a Y request waits in the worker, and Y's median queue time is reported
-    next to its median when X is idle (on a 2-core CPU the engine process competing for the
-    cores inflates every latency under load; bench/ has the figures)."""
+    """X floods the low band and keeps flooding (topped up from the publisher's thread) while Y
+    sends bursts that fit its share. Each tenant's in-flight cap is half the engine, no slot is
+    reserved, and X's full buffer pauses only X's partition, so Y's requests reach the worker
+    and start at once: no X request is admitted while a Y request waits in the worker. Y's
+    median queue time is printed next to its median when X is idle (on a 2-core CPU the engine
+    competing for the cores inflates every latency under load; bench/ has the figures)."""
     half = ENGINE_SLOTS // 2
-    topology = custom_topology(base_topology, settings, bands=NO_AGING,
+    topology = custom_topology(base_topology, settings,
+                               bands={"high": {"reserved_slots": 0}, "medium": {"reserved_slots": 0, "aging_step_s": None},
+                                      "low": {"reserved_slots": 0, "aging_step_s": None}},
                                tenants={"acme": {"quotas": {"max_in_flight": half}},
                                         "globex": {"quotas": {"max_in_flight": half}}})
     assert _partition_of(settings, topology, "acme") != _partition_of(settings, topology, "globex"), (
         "the test needs the two tenants on different partitions of the low topic")
-    worker = start_worker(topology, engine_queue=0)
-    while not worker.intake.assigned:  # measure queueing, not the consumer group's join
-        await asyncio.sleep(0.05)
     rounds = 5
-    alone = await _trickle(settings, topology, "globex", rounds, half)
-    flood = publish(settings, topology, [request("acme", "low", max_tokens=32) for _ in range(10 * rounds * half)])
-    await asyncio.sleep(0.5)  # the flood is in the worker's buffer and engine
-    shared = await _trickle(settings, topology, "globex", rounds, half)
-    globex = {r.request_id: r for r in await collect(settings, topology, "globex", expect=3 + 2 * rounds * half)}
+    with Publisher(settings, topology) as publisher, Publisher(settings, topology) as flooder:
+        worker = start_worker(topology, engine_queue=0)
+        while not worker.intake.assigned:  # measure queueing, not the consumer group's join
+            await asyncio.sleep(0.05)
+        await collect(settings, topology, "globex", expect=1)  # the partition probe's reply
+        alone = await _trickle(settings, topology, publisher, "globex", rounds, half, answered=1)
+
+        def acme_waiting() -> int:
+            return sum(1 for item in worker.policy.waiting if item.tenant_id == "acme")
+
+        flood: list[str] = []
+        trickle_done = asyncio.Event()
+
+        async def keep_flooding() -> None:
+            while not trickle_done.is_set():
+                if acme_waiting() < 2 * ENGINE_SLOTS:
+                    flood.extend(await flooder.send([request("acme", "low", max_tokens=32)
+                                                     for _ in range(2 * ENGINE_SLOTS)]))
+                await asyncio.sleep(0.01)
+
+        async def flood_is_queued() -> None:
+            while acme_waiting() < ENGINE_SLOTS:  # precondition of every shared round, by state
+                await asyncio.sleep(0.005)
+
+        flooding = asyncio.create_task(keep_flooding())
+        try:
+            shared = await _trickle(settings, topology, publisher, "globex", rounds, half,
+                                    answered=1 + rounds * half, before_round=flood_is_queued)
+        finally:
+            trickle_done.set()
+            await flooding
+    globex = {r.request_id: r for r in await collect(settings, topology, "globex", expect=2 * rounds * half + 1)}
     acme = {r.request_id: r for r in await collect(settings, topology, "acme", expect=1 + len(flood))}
-    last_globex = max(globex[rid].timing.dequeued_at for rid in shared)
-    assert sum(1 for rid in flood if acme[rid].timing.dequeued_at > last_globex) >= ENGINE_SLOTS, (
-        "the flood must still be queued while the second trickle runs")
     for rid in shared:
         waited = globex[rid].timing
         overtaking = [a for a in flood if waited.received_at < acme[a].timing.dequeued_at < waited.dequeued_at]

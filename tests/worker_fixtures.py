@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -90,6 +91,35 @@ def publish(settings: Any, topology: Topology, documents: list[dict[str, Any]]) 
     with Producer(settings, topology, on_quota="off") as producer:
         futures = [producer.submit(doc) for doc in documents]
         return [f.result(timeout=30).request_id for f in futures]
+
+
+class Publisher:
+    """A long-lived producer used from one thread of its own, so publishing never blocks the
+    worker's loop. Make it before the worker starts: a new idempotent producer's first send waits
+    up to 0.5 s for its producer id (librdkafka retries that on a fixed 500 ms timer when the
+    client has no broker connection yet, which a brand-new client never has)."""
+
+    def __init__(self, settings: Any, topology: Topology):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publisher")
+        self._producer = self._executor.submit(Producer, settings, topology, on_quota="off").result()
+        self._executor.submit(self._producer.connect).result()
+
+    def _send(self, documents: list[dict[str, Any]]) -> list[str]:
+        futures = [self._producer.submit(doc) for doc in documents]
+        return [f.result(timeout=30).request_id for f in futures]
+
+    async def send(self, documents: list[dict[str, Any]]) -> list[str]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._send, documents)
+
+    def close(self) -> None:
+        self._executor.submit(self._producer.close).result()
+        self._executor.shutdown()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def request(tenant: str = "acme", priority: str = "low", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
