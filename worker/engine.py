@@ -130,8 +130,12 @@ class Engine:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_args()))
         except Exception as exc:  # vLLM raises many types here; all mean "cannot start"
             raise EngineStartError(f"cannot start vLLM for model {config.model!r}: {exc}") from exc
-        tokenizer = llm.get_tokenizer()
-        return cls(llm, tokenizer, llm.model_config.max_model_len)
+        engine = cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len)
+        # vLLM's imports above keep this frame alive (a frame of the import chain is held for good), and
+        # with it its locals: an `llm` left here outlives shutdown() and AsyncLLM.__del__ runs at
+        # interpreter exit, when its module globals are gone (TypeError: 'NoneType' object is not callable)
+        del llm
+        return engine
 
     def render(self, request: Request) -> list[int]:
         """Prompt token ids; chat messages go through the model's chat template."""
