@@ -41,9 +41,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             errors_out.write(dumps(rejection.__dict__) + b"\n")
 
     try:
-        producer = Producer(settings, settings.load_topology(), on_quota=args.quota)
-        report = submit_file(producer, args.file, tenant=args.tenant, priority=args.priority,
-                             on_reject=on_reject, progress=None if not args.no_progress else False)
+        with Producer(settings, settings.load_topology(), on_quota=args.quota) as producer:
+            report = submit_file(producer, args.file, tenant=args.tenant, priority=args.priority,
+                                 on_reject=on_reject, progress=None if not args.no_progress else False)
     finally:
         if errors_out is not None:
             errors_out.close()

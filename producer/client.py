@@ -1,4 +1,5 @@
-"""Publishing requests: validate, fill ids, route to the band topic, key by tenant.
+"""Publishing requests: validate, fill ids, route to the least-loaded of the tenant's lanes of
+its band topic (producer.routing), key by tenant.
 
 The Kafka producer is idempotent with ``acks=all``: a request acknowledged by
 ``Delivery`` is on every in-sync replica and was written exactly once per send.
@@ -14,6 +15,7 @@ from typing import Any, Literal, Mapping, NamedTuple
 import confluent_kafka
 
 from producer.quota import QuotaExceeded, QuotaLimiter
+from producer.routing import LaneRouter, backlog_reader_source
 
 from schemas.codec import InvalidMessage, MessageError, encode, validate_request
 from schemas.messages import ErrorCode, Request, utc_now
@@ -130,8 +132,9 @@ class Producer:
     """
 
     def __init__(self, settings: Settings, topology: Topology, *, on_quota: QuotaMode = "raise",
-                 **config_overrides: Any):
+                 routing: bool = True, **config_overrides: Any):
         self.topology = topology
+        self._settings = settings
         self.on_quota = on_quota
         self.quotas = QuotaLimiter(topology) if on_quota != "off" else None
         conf = settings.librdkafka("producer", **PRODUCER_DEFAULTS)
@@ -142,12 +145,33 @@ class Producer:
         self._topics = {
             (pool, band): topic for pool in topology.pools for band, topic in topology.pool_topics(pool).items()
         }
+        self._routing = routing
+        self._router: LaneRouter | None = None
+        self._close_backlog: Callable[[], None] | None = None
+
+    def _lane_router(self) -> LaneRouter:
+        """Started on first use, so a producer that never publishes reads no backlog."""
+        if self._router is None:
+            backlog, self._close_backlog = backlog_reader_source(self._settings, self.topology)
+            self._router = LaneRouter(self.topology, self._partition_count, backlog).start()
+        return self._router
+
+    def _partition_count(self, topic: str) -> int | None:
+        try:
+            metadata = self._producer.list_topics(topic, timeout=10).topics.get(topic)
+        except confluent_kafka.KafkaException:
+            return None
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            return None
+        return len(metadata.partitions)
 
     def update_tenants(self, topology: Topology) -> None:
         """Adopt a topology whose tenants changed (pools and topics must be the same)."""
         self.topology = topology
         if self.quotas is not None:
             self.quotas.update(topology)
+        if self._router is not None:
+            self._router.update_tenants(topology)
 
     def prepare(self, document: Mapping[str, Any]) -> Request:
         """Fill request_id, submitted_at and pool, validate, and check the tenant's rights.
@@ -212,8 +236,11 @@ class Producer:
                                  "(Kafka's default message size); shorten the prompt")
         future = DeliveryFuture(request.request_id, self)
         tenant = request.tenant_id.encode()
+        partition = (self._lane_router().partition_for(request.tenant_id, request.pool, request.priority)
+                     if self._routing else None)
         self._produce(
             self._topics[(request.pool, request.priority)],
+            **({"partition": partition} if partition is not None else {}),
             key=tenant,
             value=value,
             headers=[
@@ -260,6 +287,10 @@ class Producer:
         if self._closed:
             return
         self._closed = True
+        if self._router is not None:
+            self._router.close()
+        if self._close_backlog is not None:
+            self._close_backlog()
         remaining = self.flush(timeout)
         if remaining:
             self._producer.purge()

@@ -73,6 +73,8 @@ class TenantConfig(_Config):
     on_priority_above_max: Literal["reject", "lower"] = "reject"
     api_key_hashes: list[ApiKeyHash] = Field(default_factory=list)
     quotas: Quotas = Field(default_factory=Quotas)
+    #: partitions per band this tenant's requests are spread over (schemas.lanes); null: 3/4 of the band's
+    lanes: int | None = Field(default=None, ge=1)
 
 
 class DeviceMatch(_Config):

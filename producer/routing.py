@@ -1,0 +1,159 @@
+"""Load-aware routing: which partition of its band topic a request goes to.
+
+Each request goes to the least-loaded of its tenant's lanes (schemas.lanes), where a lane's
+load is its backlog as last read (end offset minus the pool group's committed offset,
+refreshed in the background about once a second by ``broker.backlog.BacklogReader``, which
+reads true end offsets even on Tansu) plus what this producer sent there since that read.
+A partition whose worker is slow builds backlog and so gets fewer requests; a new producer
+with no reading yet spreads its requests evenly over the lanes by its own counts. The record
+key stays the tenant id, so the contract is unchanged for clients that only set the key.
+
+Least-loaded of all lanes rather than the power of two choices: under a flood, another
+tenant has only a few lanes with no flood backlog, and two random picks would often miss
+them. Several producers can herd onto the same empty lane between two readings; each one's
+own counts spread it, and the next reading corrects the rest.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from broker.topics import PartitionKey
+from schemas.lanes import tenant_lanes
+from schemas.messages import Band
+from schemas.topology import Topology
+
+log = structlog.get_logger("tierq.routing")
+
+#: reads (topics) -> {(topic, partition): backlog}; raises on failure (the last reading is kept)
+BacklogSource = Callable[[list[str]], Mapping[PartitionKey, int]]
+#: topic -> number of partitions (None while unknown)
+PartitionCounter = Callable[[str], int | None]
+
+REFRESH_S = 1.0
+
+
+class LaneRouter:
+    """Chooses partitions for one producer. ``partition_for`` runs on the producer's thread;
+    the backlog reading runs on a daemon thread of its own and swaps in whole snapshots."""
+
+    def __init__(self, topology: Topology, partition_count: PartitionCounter, backlog: BacklogSource | None,
+                 refresh_s: float = REFRESH_S):
+        self.topology = topology
+        self._partition_count = partition_count
+        self._backlog_source = backlog
+        self._refresh_s = refresh_s
+        self._lanes: dict[tuple[str, str, int], list[int]] = {}
+        self._counts: dict[str, int] = {}
+        self._snapshot: Mapping[PartitionKey, int] = {}
+        self._snapshot_seen: Mapping[PartitionKey, int] | None = None
+        self._sent: dict[PartitionKey, int] = {}
+        self._topics = sorted({t for pool in topology.pools for t in topology.pool_topics(pool).values()})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LaneRouter:
+        """Start refreshing backlogs in the background (nothing to do without a source)."""
+        if self._backlog_source is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._refresh_forever, name="tierq-routing", daemon=True)
+            self._thread.start()
+        return self
+
+    def refresh(self) -> None:
+        """Read the backlog now (the background thread does this every ``refresh_s``)."""
+        assert self._backlog_source is not None
+        self._snapshot = dict(self._backlog_source(self._topics))
+
+    def _refresh_forever(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+                failing = False
+            except Exception as exc:  # broker away: keep routing on the last reading and own counts
+                if not failing:
+                    log.warning("backlog_unavailable", error=str(exc), note="routing on the last reading")
+                failing = True
+            self._stop.wait(self._refresh_s)
+
+    def update_tenants(self, topology: Topology) -> None:
+        self.topology = topology
+        self._lanes.clear()
+
+    def _partitions(self, topic: str) -> int | None:
+        """From the latest reading (it covers every partition, so it sees a topic grow), else metadata."""
+        counted = self._counts.get(topic)
+        if counted is None:
+            counted = self._partition_count(topic)
+            if counted:
+                self._counts[topic] = counted
+        return counted
+
+    def lanes(self, tenant_id: str, topic: str) -> list[int] | None:
+        partitions = self._partitions(topic)
+        if not partitions:
+            return None
+        key = (tenant_id, topic, partitions)
+        lanes = self._lanes.get(key)
+        if lanes is None:
+            tenant = self.topology.tenants.get(tenant_id)
+            lanes = self._lanes[key] = tenant_lanes(tenant_id, topic, partitions, tenant.lanes if tenant else None)
+        return lanes
+
+    def partition_for(self, tenant_id: str, pool: str, band: Band) -> int | None:
+        """The least-loaded lane; None when the topic's partitions are not known yet (Kafka's
+        partitioner then places the record by its key)."""
+        snapshot = self._snapshot
+        if snapshot is not self._snapshot_seen:  # a new reading includes what we sent before it
+            self._snapshot_seen = snapshot
+            self._sent.clear()
+            for counted_topic, partition in snapshot:
+                self._counts[counted_topic] = max(self._counts.get(counted_topic, 0), partition + 1)
+        topic = self.topology.band_topic(pool, band)
+        lanes = self.lanes(tenant_id, topic)
+        if lanes is None:
+            return None
+        best_load, best = None, []
+        for partition in lanes:
+            tp = (topic, partition)
+            load = snapshot.get(tp, 0) + self._sent.get(tp, 0)
+            if best_load is None or load < best_load:
+                best_load, best = load, [partition]
+            elif load == best_load:
+                best.append(partition)
+        choice = best[0] if len(best) == 1 else random.choice(best)
+        self._sent[(topic, choice)] = self._sent.get((topic, choice), 0) + 1
+        return choice
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+
+def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSource, Callable[[], None]]:
+    """A ``BacklogSource`` over each pool's consumer group (``tierq-<pool>``), and its closer."""
+    from broker.backlog import BacklogReader
+
+    readers = {pool: BacklogReader(settings, f"tierq-{pool}") for pool in topology.pools}
+    topics_of = {pool: set(topology.pool_topics(pool).values()) for pool in topology.pools}
+
+    def read(topics: list[str]) -> dict[PartitionKey, int]:
+        backlog: dict[PartitionKey, int] = {}
+        for pool, reader in readers.items():
+            mine = [t for t in topics if t in topics_of[pool]]
+            if mine:
+                backlog.update({tp: load.backlog for tp, load in reader.read(mine).items()})
+        return backlog
+
+    def close() -> None:
+        for reader in readers.values():
+            reader.close()
+
+    return read, close

@@ -1,0 +1,44 @@
+"""Lanes: the partitions of a band that a tenant's requests may go to.
+
+Kafka's consumer group gives each partition to one worker, so the partitions a tenant's
+requests land on decide which workers can serve it. Keyed by tenant alone, a tenant's band is
+one partition, hence one worker. tierq's producers instead spread each tenant over a set of
+partitions per band, its *lanes*, and send each request to the least-loaded lane
+(producer.routing). The trade-off the lane count sets:
+
+- more lanes: a tenant alone reaches more workers (all lanes -> every worker);
+- fewer lanes: a flooding tenant occupies fewer partitions, so another tenant has lanes with
+  no flood backlog in front of its requests (inside a worker, fair share does the rest; it
+  cannot help a request still queued in Kafka behind a flood).
+
+The default, three quarters of the band's partitions, keeps both: with 16 partitions and 4
+workers a worker holds none of a tenant's 12 lanes with probability 1/1820, and two tenants'
+lane sets leave each about 3 partitions the other never uses. The choice is rendezvous
+hashing (highest random weight) of (tenant, band, partition): stable, spread out, different
+for each tenant, and it moves as few lanes as possible when partitions are added. Producers
+and workers compute the same lanes (workers derive pool-wide in-flight caps from them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+#: a tenant's lanes per band when its config says nothing: this share of the band's partitions
+DEFAULT_LANE_SHARE = 0.75
+
+
+def lane_count(partitions: int, lanes: int | None) -> int:
+    """How many lanes a tenant has in a band of ``partitions`` (configured, or the default share)."""
+    wanted = lanes if lanes is not None else math.ceil(partitions * DEFAULT_LANE_SHARE)
+    return max(1, min(partitions, wanted))
+
+
+def _weight(tenant_id: str, topic: str, partition: int) -> bytes:
+    return hashlib.blake2b(f"{tenant_id}\0{topic}\0{partition}".encode(), digest_size=8).digest()
+
+
+def tenant_lanes(tenant_id: str, topic: str, partitions: int, lanes: int | None = None) -> list[int]:
+    """The tenant's lanes in ``topic`` (which has ``partitions`` partitions), sorted."""
+    ranked = sorted(range(partitions), key=lambda p: _weight(tenant_id, topic, p), reverse=True)
+    return sorted(ranked[:lane_count(partitions, lanes)])

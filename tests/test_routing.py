@@ -1,0 +1,82 @@
+"""Lanes and load-aware routing, as pure logic (a fake backlog source stands in for Kafka)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from producer.routing import LaneRouter
+from schemas.lanes import lane_count, tenant_lanes
+from schemas.messages import Band
+from schemas.topology import Topology
+
+LOW = "tierq.default.low"
+
+
+def test_lanes_are_stable_sized_and_different_per_tenant():
+    acme = tenant_lanes("acme", LOW, 16)
+    assert acme == tenant_lanes("acme", LOW, 16)
+    assert len(acme) == 12 == lane_count(16, None)
+    assert len(tenant_lanes("acme", LOW, 16, lanes=4)) == 4
+    assert tenant_lanes("acme", LOW, 3, lanes=10) == [0, 1, 2]
+    globex = tenant_lanes("globex", LOW, 16)
+    assert acme != globex and set(globex) - set(acme), "globex needs lanes that acme's flood never fills"
+
+
+def test_growing_partitions_keeps_most_lanes():
+    before, after = set(tenant_lanes("acme", LOW, 16, lanes=8)), set(tenant_lanes("acme", LOW, 32, lanes=8))
+    assert all(p < 16 for p in before)
+    # rendezvous hashing: a lane moves only to one of the new partitions
+    assert before - after <= before and all(p >= 16 for p in after - before)
+
+
+def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None) -> LaneRouter:
+    counts = {topology.band_topic("default", band): topology.bands[band].partitions for band in Band}
+    source = (lambda topics: dict(backlog or {})) if backlog is not None else None
+    return LaneRouter(topology, counts.get, source)
+
+
+def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: Topology):
+    routing = router(base_topology)
+    sent = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(120))
+    lanes = routing.lanes("acme", base_topology.band_topic("default", Band.low))
+    assert set(sent) == set(lanes)
+    assert max(sent.values()) - min(sent.values()) <= 1
+
+
+def test_the_less_loaded_lane_gets_the_requests(base_topology: Topology):
+    topic = base_topology.band_topic("default", Band.low)
+    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    idle = lanes[0]
+    backlog = {(topic, p): 50 for p in lanes}
+    backlog[(topic, idle)] = 0
+    routing = router(base_topology, backlog)
+    routing.refresh()
+    chosen = [routing.partition_for("acme", "default", Band.low) for _ in range(60)]
+    # the idle lane takes every request until its load (backlog + sent) reaches the others'
+    assert chosen[:50] == [idle] * 50
+    assert len(set(chosen[50:])) > 1
+
+
+def test_a_new_reading_replaces_what_this_producer_counted(base_topology: Topology):
+    topic = base_topology.band_topic("default", Band.high)
+    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
+    backlog = {(topic, p): 0 for p in lanes}
+    routing = router(base_topology, backlog)
+    routing.refresh()
+    for _ in range(len(lanes) * 5):
+        routing.partition_for("acme", "default", Band.high)
+    backlog.update({(topic, p): 100 for p in lanes[1:]})  # the workers drained only lanes[0]
+    routing.refresh()
+    assert routing.partition_for("acme", "default", Band.high) == lanes[0]
+
+
+def test_configured_lanes_bound_a_tenant(base_topology: Topology):
+    document = base_topology.model_dump(mode="json")
+    document["tenants"]["acme"]["lanes"] = 2
+    routing = router(Topology.model_validate(document))
+    assert len({routing.partition_for("acme", "default", Band.low) for _ in range(50)}) == 2
+
+
+def test_unknown_partition_counts_fall_back_to_the_key(base_topology: Topology):
+    routing = LaneRouter(base_topology, lambda topic: None, None)
+    assert routing.partition_for("acme", "default", Band.low) is None
