@@ -90,6 +90,9 @@ class FakeIntake:
     def paused_by_band(self) -> dict[Band, int]:
         return {band: 0 for band in TOPICS}
 
+    def partition_counts(self) -> dict[str, int]:
+        return {topic: 1 for topic in TOPICS.values()}
+
     def commit(self, offsets: dict[tuple[str, int], int], *, asynchronous: bool = True) -> None:
         self.committed.update({tp: o for tp, o in offsets.items() if tp in self.assigned})
 

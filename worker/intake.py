@@ -124,6 +124,18 @@ class Intake:
             self.paused.difference_update(resume)
             self._consumer.resume([TopicPartition(t, p) for t, p in resume])
 
+    def partition_counts(self, timeout: float = 10.0) -> dict[str, int]:
+        """Partitions of each band topic, from the broker's metadata ({} if it does not answer)."""
+        counts = {}
+        for topic in self.topic_band:
+            try:
+                metadata = self._consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+            except confluent_kafka.KafkaException:
+                return {}
+            if metadata is not None and metadata.error is None and metadata.partitions:
+                counts[topic] = len(metadata.partitions)
+        return counts
+
     def paused_by_band(self) -> dict[Band, int]:
         counts = {band: 0 for band in self.topic_band.values()}
         for topic, _partition in self.paused:

@@ -37,6 +37,7 @@ from worker.engine import EngineAdapter, EngineDead, EngineRequestError, Request
 from worker.intake import Intake
 from worker.offsets import OffsetTracker
 from worker.poison import Attempt, PoisonGuard
+from worker.pool_caps import pool_caps
 from worker.replies import ReplyWriter
 from worker.reply_builder import ReplyBuilder
 from worker.settings import WorkerSettings
@@ -59,10 +60,6 @@ class Buffered(NamedTuple):
     received_at: datetime
 
 
-def _tenant_caps(topology: Topology) -> dict[str, int | None]:
-    return {tenant_id: config.quotas.max_in_flight for tenant_id, config in topology.tenants.items()}
-
-
 def _source_partition(item: Pending) -> PartitionKey:
     return item.payload.tp
 
@@ -81,7 +78,7 @@ class Worker:
         self.policy = AdmissionPolicy(
             band_rules(topology.bands.items()),
             capacity=settings.max_num_seqs + settings.engine_queue,
-            tenant_caps=_tenant_caps(topology),
+            tenant_caps={},  # pool-wide caps are derived from the partitions held (_derive_caps)
             aging=settings.aging,
         )
         self.triage = Triage(self.pool, topology.tenants, engine, settings.max_attempts)
@@ -92,6 +89,7 @@ class Worker:
         self.writer = writer
         self.guard = guard
         self.tasks_by_partition: dict[PartitionKey, set[asyncio.Task[None]]] = {}
+        self._partition_counts: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._stop_requested_at: float | None = None
         self._abort = False
@@ -216,7 +214,7 @@ class Worker:
             return
         self.topology = topology
         self.triage.tenants = topology.tenants
-        self.policy.tenant_caps = _tenant_caps(topology)
+        self._derive_caps(self.intake.assigned)
         log.info("tenants_reloaded", tenants=sorted(topology.tenants))
 
     # ---- intake ----------------------------------------------------------------------
@@ -331,6 +329,8 @@ class Worker:
         if not self.guard.assigned(partitions):
             self.fatal = "cannot read the attempts topic to its end (a dead worker's marker may be unknown)"
             return
+        self._partition_counts = self.intake.partition_counts() or self._partition_counts
+        self._derive_caps(self.intake.assigned)
         self._warn_if_a_band_is_missing()
 
     def _on_revoked(self, partitions: list[PartitionKey], lost: bool) -> None:
@@ -347,6 +347,14 @@ class Worker:
         self.guard.released(partitions, clean=not (lost or self.fatal))
         for tp in partitions:
             self.tracker.forget(tp)
+        self._derive_caps(self.intake.assigned - revoked)
+
+    def _derive_caps(self, owned: set[PartitionKey]) -> None:
+        """Each tenant's in-flight cap here: its pool-wide cap times our share of its lanes."""
+        self.policy.tenant_caps = pool_caps(self.topology, self.intake.topic_band, self._partition_counts, owned)
+        capped = {t: c for t, c in self.policy.tenant_caps.items() if c is not None}
+        if capped and owned:
+            log.info("tenant_caps", caps=capped, partitions=len(owned))
 
     def _warn_if_a_band_is_missing(self) -> None:
         """A worker without partitions of a band cannot serve that band: the pool's priority
