@@ -1,0 +1,938 @@
+"""The pool as one scheduler: N worker processes on simulated engines against the embedded broker,
+published through the plain ``Producer`` (so whatever routing it does is what is measured).
+
+Scenarios (issue 11), each with its goal, pass/fail, CPU use of workers, broker and this process
+next to its figures, a JSON and a PNG under bench/results/pool-<scenario>-<tag>.*:
+
+  scale      one tenant's low backlog, N = 1, 2, 4 (8 with --full) workers: pool output tokens/s
+             over N x one worker's (measured at N = 1 in the same run); goal >= 0.9 at N = 4
+  mix        three tenants at 80 / 15 / 5 % of a backlog, N = 4: share of the pool's capacity used; >= 0.9
+  hetero     N = 4, one at half speed: time to drain a fixed load over the capacity-weighted ideal; <= 1.15
+  priority   N = 4: high trickle on the idle pool, then over a low backlog of 10x the pool's in-flight
+             capacity: high queue p99 over the idle pool's, <= 1.5; FIFO baseline (the trickle in the
+             backlog's band) alongside
+  fairness   N = 4: a tenant's burst alone, then with another tenant's 10x burst at the same moment:
+             its median queue time over its time alone, <= 2
+  join       N = 3 + 1 joining under a saturating stream: the new worker serves its share (1/N of the
+             pool's output over 3 s) within its group join time + 5 s
+  loss       N = 4 under a stream, one worker SIGTERMed and one SIGKILLed mid-run: every request answered
+  cost       the Kafka path's own CPU per request (workers and broker), against the simulated engine
+             alone on the same load
+
+The engines are slow (``--speed`` x an H100, ``--slots`` sequences) so that the pool, not the
+2-core machine, is what is measured; token counts vary per request (0.5x to 1.5x ``--tokens``) so
+engines do not run in lockstep. Throughput is counted in output tokens per second from each
+reply's first and last token times, which is exact at window edges where request counts jump.
+
+    .venv/bin/python -m bench.pool --quick        # ~4 minutes
+    .venv/bin/python -m bench.pool                # ~10 minutes
+    .venv/bin/python -m bench.pool --only scale,mix --full
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.poolkit import (
+    TENANTS, Bench, CpuMeter, EngineShape, Pool, WorkerProcess, by_worker, ceil, git_head, machine_info,
+    other_processes, partitions_used, queue_stats, ratio, token_times, tokens_between, ts,
+)
+from broker.embedded import EmbeddedBroker
+from producer.client import Producer
+from schemas.logs import configure
+from schemas.messages import Reply
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("scale", "mix", "hetero", "priority", "fairness", "join", "loss", "cost")
+NO_RESERVE = {"high": {"reserved_slots": 0}, "medium": {"reserved_slots": 0}, "low": {"reserved_slots": 0}}
+NO_AGING = {"medium": {"aging_step_s": None}, "low": {"aging_step_s": None}}
+MIX = (("acme", 0.80), ("globex", 0.15), ("initech", 0.05))
+
+
+@dataclass
+class Params:
+    window_s: float
+    warm_s: float
+    hetero_s: float
+    trickle_s: float
+    fifo_wait_s: float
+    fairness_burst: float  # in pool in-flight capacities
+    join_stream_s: float
+    loss_stream_s: float
+    cost_requests: int
+
+
+QUICK = Params(window_s=6, warm_s=2, hetero_s=10, trickle_s=6, fifo_wait_s=6, fairness_burst=1,
+               join_stream_s=16, loss_stream_s=12, cost_requests=400)
+FULL = Params(window_s=20, warm_s=2, hetero_s=30, trickle_s=15, fifo_wait_s=15, fairness_burst=2,
+              join_stream_s=22, loss_stream_s=30, cost_requests=1500)
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+def tokens_for(i: int, mean: int) -> int:
+    """0.5x .. 1.5x ``mean`` output tokens, spread evenly but not in order."""
+    lo, hi = max(1, mean // 2), mean + mean // 2
+    return lo + (i * 7) % (hi - lo + 1)
+
+
+def doc(tenant: str, priority: str, max_tokens: int, i: int = 0) -> dict[str, Any]:
+    return {"tenant_id": tenant, "priority": priority, "prompt": f"Request {i}: the quick brown fox",
+            "params": {"max_tokens": max_tokens, "temperature": 0.0}}
+
+
+def mix_docs(count: int, mean_tokens: int, priority: str = "low", seed: int = 11) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    tenants = [t for t, share in MIX for _ in range(round(share * count))]
+    tenants += ["acme"] * (count - len(tenants))
+    rng.shuffle(tenants)
+    return [doc(t, priority, tokens_for(i, mean_tokens), i) for i, t in enumerate(tenants)]
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    params: Params
+    bench: Bench
+    shape: EngineShape
+    started: float = field(default_factory=time.time)
+    baseline: dict[str, Any] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    pools: list[Pool] = field(default_factory=list)
+    routing_label: str = "Producer routing"
+
+    def pool(self, name: str, **kwargs: Any) -> Pool:
+        pool = Pool(self.bench, name, kwargs.pop("shape", self.shape), **kwargs)
+        if self.args.key_hash:
+            pool.producer_options = {"routing": False}
+        self.pools.append(pool)
+        return pool
+
+    @property
+    def mean_tokens(self) -> int:
+        return self.args.tokens
+
+    def one_worker_tps(self) -> float:
+        """Output tokens/s of one saturated worker, measured (the N = 1 phase of ``scale``)."""
+        if self.baseline is None:
+            self.baseline = measure_throughput(self, 1, "baseline", [("acme", 1.0)])
+        return self.baseline["tokens_per_s"]
+
+    def cpu_window(self, pool: Pool, seconds: float) -> tuple[float, float, dict[str, Any]]:
+        a = self.bench.cpu.sample(pool.workers)
+        t0 = time.time()
+        time.sleep(seconds)
+        b = self.bench.cpu.sample(pool.workers)
+        return t0, time.time(), CpuMeter.between(a, b)
+
+
+def base_result(run: Run, name: str) -> dict[str, Any]:
+    return {
+        "bench": f"pool-{name}", "command": "python -m bench.pool " + " ".join(sys.argv[1:]),
+        "mode": "quick" if run.args.quick else ("full" if run.args.full else "default"),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_head(),
+        "routing": "kafka key hash (Producer routing=False)" if run.args.key_hash else "Producer default",
+        "machine": run.bench.machine, "loadavg_at_scenario_start": [round(x, 2) for x in os.getloadavg()],
+        "engine": {"kind": "simulated", "speed": run.shape.speed, "max_num_seqs": run.shape.slots,
+                   "engine_queue": run.shape.engine_queue, "mean_max_tokens": run.mean_tokens,
+                   "max_tokens_range": [max(1, run.mean_tokens // 2), run.mean_tokens + run.mean_tokens // 2],
+                   "model_tokens_per_s_one_worker": round(run.shape.tokens_per_s(), 1)},
+    }
+
+
+def write(run: Run, name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"pool-{name}-{run.args.tag}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
+
+
+def owners_summary(pool: Pool, replies: list[Reply]) -> dict[str, Any]:
+    return {w: {"requests": len(rs), "tokens": sum(r.usage.completion_tokens for r in rs)}
+            for w, rs in by_worker(replies).items()}
+
+
+# ---- scenario: throughput of a backlog (scale, mix, baseline) --------------------------------
+
+def measure_throughput(run: Run, n: int, name: str, tenants: list[tuple[str, float]],
+                       pool_name: str | None = None) -> dict[str, Any]:
+    """N workers, a backlog of 1.3x what N saturated workers produce during warm-up + window,
+    published at once; output tokens/s during the window."""
+    p = run.params
+    pool = run.pool(pool_name or f"{name}-{n}", bands=NO_RESERVE)
+    try:
+        join_s = pool.start(n)
+        tokens_needed = 1.3 * n * run.shape.tokens_per_s() * (p.warm_s + p.window_s)
+        count = ceil(tokens_needed / run.mean_tokens)
+        if len(tenants) == 1:
+            docs = [doc(tenants[0][0], "low", tokens_for(i, run.mean_tokens), i) for i in range(count)]
+        else:
+            docs = mix_docs(count, run.mean_tokens)
+        t_pub = time.time()
+        ids = pool.publish(docs)
+        time.sleep(max(0.0, t_pub + p.warm_s - time.time()))
+        t0, t1, cpu = run.cpu_window(pool, p.window_s)
+        codes = pool.stop()
+        replies = pool.collect_all({t for t, _ in tenants})
+    finally:
+        pool.stop()
+    window = t1 - t0
+    per_worker = {w: round(tokens_between(rs, t0, t1) / window, 1) for w, rs in by_worker(replies).items()}
+    for w in pool.workers:
+        per_worker.setdefault(w.worker_id, 0.0)
+    tps = tokens_between(replies, t0, t1) / window
+    done_in_window = [r for r in replies if t0 <= ts(r.timing.finished_at) < t1]
+    return {
+        "workers": n, "join_s": join_s, "backlog_requests": len(ids), "window_s": round(window, 2),
+        "tokens_per_s": round(tps, 1), "requests_per_s": round(len(done_in_window) / window, 2),
+        "tokens_per_s_by_worker": dict(sorted(per_worker.items())),
+        "busy_workers": sum(1 for v in per_worker.values() if v > 0.2 * run.shape.tokens_per_s()),
+        "partitions_used": partitions_used(pool.deliveries),
+        "by_tenant_in_window": {t: sum(1 for r in done_in_window if r.tenant_id == t) for t, _ in tenants},
+        "cpu": cpu, "exit_codes": codes, "t0": t0, "t1": t1,
+        "_replies": replies,
+    }
+
+
+def scenario_scale(run: Run) -> dict[str, Any]:
+    ns = [int(x) for x in run.args.workers.split(",")] if run.args.workers else [1, 2, 4] + ([8] if run.args.full else [])
+    ns = sorted(set(ns) | {1})
+    phases = []
+    for n in ns:
+        if n == 1:
+            run.one_worker_tps()
+            phases.append(run.baseline)
+        else:
+            phases.append(measure_throughput(run, n, "scale", [("acme", 1.0)]))
+    one = run.one_worker_tps()
+    for ph in phases:
+        ph["efficiency"] = ratio(ph["tokens_per_s"], ph["workers"] * one)
+    at4 = next((ph["efficiency"] for ph in phases if ph["workers"] == 4), None)
+    result = {
+        "scenario": "one tenant's low backlog; pool output / (N x one worker's output), one worker measured at N = 1",
+        "goal": "efficiency >= 0.9 at N = 4", "pass": at4 is not None and at4 >= 0.9,
+        "one_worker_tokens_per_s": one,
+        "efficiency_by_n": {ph["workers"]: ph["efficiency"] for ph in phases},
+        "phases": [strip(ph) for ph in phases],
+    }
+    plot_timeline(run, "scale", [(f"N = {ph['workers']}: {ph['efficiency']:.2f} x N x one worker", ph["_replies"],
+                                  ph["t0"], ph["t1"]) for ph in phases])
+    return result
+
+
+def scenario_mix(run: Run) -> dict[str, Any]:
+    one = run.one_worker_tps()
+    ph = measure_throughput(run, 4, "mix", list(MIX))
+    used = ratio(ph["tokens_per_s"], 4 * one)
+    result = {
+        "scenario": "three tenants' low backlog at 80 / 15 / 5 %, N = 4: pool output / (4 x one worker's)",
+        "goal": "capacity used >= 0.9", "pass": used is not None and used >= 0.9, "capacity_used": used,
+        "one_worker_tokens_per_s": one, "phase": strip(ph),
+    }
+    plot_timeline(run, "mix", [(f"80/15/5 % of load, N = 4: {used:.2f} of capacity used", ph["_replies"],
+                                ph["t0"], ph["t1"])], by="tenant")
+    return result
+
+
+def strip(phase: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in phase.items() if not k.startswith("_") and k not in ("t0", "t1")}
+
+
+# ---- scenario: heterogeneous pool ----------------------------------------------------------
+
+def scenario_hetero(run: Run) -> dict[str, Any]:
+    one = run.one_worker_tps()
+    speeds = [run.shape.speed] * 3 + [run.shape.speed / 2]
+    capacity = one * sum(s / run.shape.speed for s in speeds)
+    count = ceil(capacity * run.params.hetero_s / run.mean_tokens)
+    docs = [doc("acme", "low", tokens_for(i, run.mean_tokens), i) for i in range(count)]
+    total_tokens = sum(d["params"]["max_tokens"] for d in docs)
+    tail = run.shape.request_s(run.mean_tokens)
+    ideal = total_tokens / capacity + tail
+    cap = max(2 * ideal, ideal + 10)
+    pool = run.pool("hetero", bands=NO_RESERVE)
+    try:
+        join_s = pool.start(4, speeds)
+        a = run.bench.cpu.sample(pool.workers)
+        t_pub = time.time()
+        pool.publish(docs)
+        replies = pool.collect("acme", expect=count, timeout=cap)
+        b = run.bench.cpu.sample(pool.workers)
+        codes = pool.stop()
+        if len(replies) < count:
+            replies = pool.collect("acme")  # what was answered by the drain, for the plot
+    finally:
+        pool.stop()
+    done_by_cap = [r for r in replies if ts(r.timing.finished_at) <= t_pub + cap]
+    drained = len(done_by_cap) >= count
+    drain_s = max(ts(r.timing.finished_at) for r in done_by_cap) - t_pub if drained else None
+    if drained:
+        projected = None
+    else:  # at the rate seen until the cap
+        done_tokens = sum(r.usage.completion_tokens for r in done_by_cap)
+        projected = round(cap * total_tokens / max(done_tokens, 1), 1)
+    r = ratio(drain_s if drained else projected, ideal)
+    speed_of = {w.worker_id: w.speed for w in pool.workers}
+    shares = {w: {"speed": speed_of.get(w), "tokens": v["tokens"],
+                  "share": round(v["tokens"] / max(1, sum(x["tokens"] for x in owners_summary(pool, replies).values())), 3),
+                  "capacity_share": round((speed_of.get(w) or 0) / sum(speeds), 3)}
+              for w, v in owners_summary(pool, replies).items()}
+    result = {
+        "scenario": "N = 4, one worker at half speed; one tenant's fixed low load published at once; time until "
+                    "its last reply over the ideal (load / pool capacity + one request's time)",
+        "goal": "drain time <= 1.15 x ideal", "pass": drained and r is not None and r <= 1.15,
+        "ratio_to_ideal": r, "drain_s": round(drain_s, 2) if drain_s else None,
+        "projected_drain_s": projected, "drained_within_s": round(cap, 1), "ideal_s": round(ideal, 2),
+        "ideal_parts": {"load_over_capacity_s": round(total_tokens / capacity, 2), "one_request_s": round(tail, 2)},
+        "requests": count, "output_tokens": total_tokens, "capacity_tokens_per_s": round(capacity, 1),
+        "join_s": join_s, "by_worker": shares, "partitions_used": partitions_used(pool.deliveries),
+        "cpu": CpuMeter.between(a, b), "exit_codes": codes,
+    }
+    plot_cumulative(run, "hetero", replies, t_pub, {w.worker_id: f"{w.worker_id} (speed {w.speed:g})"
+                                                     for w in pool.workers},
+                    title=f"heterogeneous pool: drain {fmt(drain_s or projected)} s vs ideal {ideal:.1f} s "
+                          f"({'measured' if drained else 'projected'}; ratio {r})",
+                    marks={"ideal": t_pub + ideal})
+    return result
+
+
+def fmt(x: float | None) -> str:
+    return "?" if x is None else f"{x:.1f}"
+
+
+# ---- scenario: pool-wide priority ----------------------------------------------------------
+
+def trickle_schedule(seconds: float, interval: float, tenant: str, priority: str, tokens: int,
+                     offset: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
+    n = int(seconds / interval)
+    return [(offset + i * interval, doc(tenant, priority, tokens, i)) for i in range(n)]
+
+
+def wait_for(pool: Pool, tenant: str, ids: set[str], timeout: float) -> dict[str, Reply]:
+    """Read the tenant's replies until every id in ``ids`` is answered or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    while True:
+        got = {r.request_id: r for r in pool.collect(tenant) if r.request_id in ids}
+        if len(got) == len(ids) or time.time() >= deadline:
+            return got
+        time.sleep(0.5)
+
+
+def scenario_priority(run: Run) -> dict[str, Any]:
+    p, n = run.params, 4
+    backlog = 10 * n * run.shape.in_flight
+    low_tokens, high_tokens = 2 * run.mean_tokens, run.mean_tokens
+    interval = 0.25
+    lows = [doc(TENANTS[i % 3], "low", low_tokens, i) for i in range(backlog)]
+    phases: dict[str, dict[str, Any]] = {}
+
+    # idle pool, then the same pool under the backlog (topics.yaml's reserved slots, aging off)
+    pool = run.pool("priority", bands=NO_AGING)
+    try:
+        join_s = pool.start(n)
+        a = run.bench.cpu.sample(pool.workers)
+        sent = pool.pace(trickle_schedule(p.trickle_s, interval, "acme", "high", high_tokens), time.time())
+        idle_ids = {rid for _, rid, _ in sent}
+        idle = wait_for(pool, "acme", idle_ids, 30)
+        b = run.bench.cpu.sample(pool.workers)
+        phases["idle"] = {"high": list(idle.values()), "sent": len(idle_ids), "cpu": CpuMeter.between(a, b)}
+        t_pub = time.time()
+        low_ids = set(pool.publish(lows))
+        time.sleep(2.0)  # every worker busy with lows
+        a = run.bench.cpu.sample(pool.workers)
+        sent = pool.pace(trickle_schedule(p.trickle_s, interval, "acme", "high", high_tokens), time.time())
+        prio_ids = {rid for _, rid, _ in sent}
+        prio = wait_for(pool, "acme", prio_ids, 30)
+        b = run.bench.cpu.sample(pool.workers)
+        trickle_end = max(ts(r.timing.submitted_at) for r in prio.values()) if prio else time.time()
+        codes = pool.stop()
+        low_replies = [r for t in TENANTS for r in pool.collect(t) if r.request_id in low_ids]
+        phases["priority"] = {"high": list(prio.values()), "sent": len(prio_ids), "low": low_replies,
+                              "cpu": CpuMeter.between(a, b), "t_pub": t_pub,
+                              "lows_waiting_at_trickle_end": len(low_ids) - sum(
+                                  1 for r in low_replies if ts(r.timing.finished_at) <= trickle_end),
+                              "partitions_high": partitions_used(pool.deliveries, prio_ids),
+                              "partitions_low": partitions_used(pool.deliveries, low_ids)}
+    finally:
+        pool.stop()
+
+    # FIFO baseline: a fresh pool, the same backlog, the trickle in the backlog's band
+    pool = run.pool("priority-fifo", bands=NO_AGING)
+    try:
+        pool.start(n)
+        t_pub = time.time()
+        low_ids = set(pool.publish(lows))
+        time.sleep(2.0)
+        a = run.bench.cpu.sample(pool.workers)
+        sent = pool.pace(trickle_schedule(p.trickle_s, interval, "acme", "low", high_tokens), time.time())
+        fifo_ids = {rid for _, rid, _ in sent}
+        fifo = wait_for(pool, "acme", fifo_ids, p.fifo_wait_s)
+        b = run.bench.cpu.sample(pool.workers)
+        t_stop = time.time()
+        pool.stop()
+        fifo = wait_for(pool, "acme", fifo_ids, 0)  # those the drain finished too
+        low_replies = [r for t in TENANTS for r in pool.collect(t) if r.request_id in low_ids]
+        censored = [t_stop - at for at, rid, _ in sent if rid not in fifo or ts(fifo[rid].timing.dequeued_at) > t_stop]
+        answered = [r for r in fifo.values() if ts(r.timing.dequeued_at) <= t_stop]
+        fifo_queue = [r.timing.queue_ms for r in answered] + [c * 1000 for c in censored]
+        phases["fifo"] = {"high": answered, "sent": len(fifo_ids), "low": low_replies, "cpu": CpuMeter.between(a, b),
+                          "t_pub": t_pub, "censored": len(censored), "queue_ms_with_censored": fifo_queue}
+    finally:
+        pool.stop()
+
+    stats = {name: queue_stats(ph["high"]) for name, ph in phases.items()}
+    if phases["fifo"]["censored"]:
+        q = sorted(phases["fifo"]["queue_ms_with_censored"])
+        stats["fifo"]["queue_ms_p50"] = round(q[len(q) // 2], 1)
+        stats["fifo"]["queue_ms_p99"] = round(q[min(len(q) - 1, int(0.99 * len(q)))], 1)
+        stats["fifo"]["note"] = (f"{phases['fifo']['censored']} of {phases['fifo']['sent']} not started when the pool "
+                                 f"was stopped {p.fifo_wait_s:g} s after the trickle: counted with their wait so far "
+                                 "(percentiles are lower bounds)")
+    r99 = ratio(stats["priority"]["queue_ms_p99"], stats["idle"]["queue_ms_p99"])
+    missing = phases["priority"]["sent"] - len(phases["priority"]["high"])
+    result = {
+        "scenario": f"N = 4; high trickle ({1 / interval:g}/s for {p.trickle_s:g} s, {high_tokens} tokens) on the idle "
+                    f"pool, then over a low backlog of {backlog} requests (10 x the pool's {n * run.shape.in_flight} "
+                    f"in-flight slots, {low_tokens} tokens, 3 tenants), topics.yaml's reserved slots, aging off; "
+                    "FIFO: a fresh pool, the same backlog, the trickle published as low",
+        "goal": "high queue p99 under the backlog <= 1.5 x idle pool's",
+        "pass": r99 is not None and r99 <= 1.5 and missing == 0,
+        "queue_p99_ratio": r99, "queue_p50_ratio": ratio(stats["priority"]["queue_ms_p50"], stats["idle"]["queue_ms_p50"]),
+        "fifo_queue_p99_ratio": ratio(stats["fifo"]["queue_ms_p99"], stats["idle"]["queue_ms_p99"]),
+        "high": stats, "high_unanswered": missing, "join_s": join_s,
+        "lows_waiting_at_trickle_end": phases["priority"]["lows_waiting_at_trickle_end"],
+        "partitions_used": {"high": phases["priority"]["partitions_high"], "low": phases["priority"]["partitions_low"]},
+        "high_by_worker": {name: {w: len(rs) for w, rs in by_worker(ph["high"]).items()} for name, ph in phases.items()},
+        "cpu": {name: ph["cpu"] for name, ph in phases.items()}, "exit_codes": codes,
+    }
+    plot_priority(run, phases, stats)
+    return result
+
+
+# ---- scenario: pool-wide fairness ----------------------------------------------------------
+
+def scenario_fairness(run: Run) -> dict[str, Any]:
+    n = 4
+    burst = ceil(run.params.fairness_burst * n * run.shape.in_flight)
+    tokens = run.mean_tokens
+    small = [doc("globex", "low", tokens_for(i, tokens), i) for i in range(burst)]
+    flood = [doc("acme", "low", tokens_for(i, tokens), i) for i in range(10 * burst)]
+    pool = run.pool("fairness", bands=NO_RESERVE)
+    try:
+        join_s = pool.start(n)
+        a = run.bench.cpu.sample(pool.workers)
+        alone_ids = pool.publish(small)
+        alone = pool.collect("globex", expect=burst, timeout=120)
+        b = run.bench.cpu.sample(pool.workers)
+        cap = 180.0
+        t_flood = time.time()
+        flood_ids = set(pool.submit(flood))
+        with_ids = set(pool.publish(small))
+        got = pool.collect("globex", expect=2 * burst, timeout=cap)
+        c = run.bench.cpu.sample(pool.workers)
+        codes = pool.stop()
+        acme = pool.collect("acme")
+    finally:
+        pool.stop()
+    alone = [r for r in alone if r.request_id in set(alone_ids)]
+    together = [r for r in got if r.request_id in with_ids]
+    q_alone, q_with = queue_stats(alone), queue_stats(together)
+    r50 = ratio(q_with["queue_ms_p50"], q_alone["queue_ms_p50"])
+    # completions while both had work waiting: until the small tenant's last request started
+    last_start = max((ts(r.timing.dequeued_at) for r in together), default=t_flood)
+    both = {"globex": sum(1 for r in together if ts(r.timing.finished_at) <= last_start),
+            "acme": sum(1 for r in acme if r.request_id in flood_ids and ts(r.timing.finished_at) <= last_start)}
+    result = {
+        "scenario": f"N = 4; globex publishes {burst} low requests at once ({run.params.fairness_burst:g} x the pool's "
+                    f"in-flight slots) alone; then acme publishes {10 * burst} and globex {burst} more at the same moment",
+        "goal": "globex's median queue time with the flood <= 2 x alone", "pass": r50 is not None and r50 <= 2.0
+        and len(together) == burst,
+        "queue_p50_ratio": r50, "queue_p99_ratio": ratio(q_with["queue_ms_p99"], q_alone["queue_ms_p99"]),
+        "globex_alone": q_alone, "globex_with_flood": q_with,
+        "completions_while_both_waiting": both,
+        "globex_by_worker": {"alone": {w: len(rs) for w, rs in by_worker(alone).items()},
+                             "with_flood": {w: len(rs) for w, rs in by_worker(together).items()}},
+        "acme_by_worker": {w: len(rs) for w, rs in by_worker([r for r in acme if r.request_id in flood_ids]).items()},
+        "partitions_used": {"globex_with_flood": partitions_used(pool.deliveries, with_ids),
+                            "acme": partitions_used(pool.deliveries, flood_ids)},
+        "join_s": join_s, "cpu": {"alone": CpuMeter.between(a, b), "with_flood": CpuMeter.between(b, c)},
+        "exit_codes": codes,
+    }
+    plot_fairness(run, alone, together, [r for r in acme if r.request_id in flood_ids], t_flood, r50)
+    return result
+
+
+# ---- scenarios: scale events -----------------------------------------------------------------
+
+def stream_schedule(rate: float, seconds: float, mean_tokens: int, seed: int) -> list[tuple[float, dict[str, Any]]]:
+    docs = mix_docs(ceil(rate * seconds), mean_tokens, seed=seed)
+    return [(i / rate, d) for i, d in enumerate(docs)]
+
+
+def scenario_join(run: Run) -> dict[str, Any]:
+    one = run.one_worker_tps()
+    rate = 1.25 * 4 * one / run.mean_tokens  # saturates 4 workers
+    pre = 3.0
+    pool = run.pool("join", bands=NO_RESERVE)
+    try:
+        join3 = pool.start(3)
+        holder: dict[str, WorkerProcess] = {}
+        a = run.bench.cpu.sample(pool.workers)
+        start = time.time()
+        sent = pool.pace(stream_schedule(rate, run.params.join_stream_s, run.mean_tokens, seed=5), start,
+                         events={pre: lambda: holder.setdefault("new", pool.start_worker())})
+        b = run.bench.cpu.sample(pool.workers)
+        codes = pool.stop()
+        replies = pool.collect_all()
+    finally:
+        pool.stop()
+    new = holder["new"]
+    assigned = new.first_assigned_at()
+    window = 3.0
+    t_share = None
+    if assigned is not None:
+        t = new.started_at
+        end = max(ts(r.timing.finished_at) for r in replies) - window
+        mine = [r for r in replies if r.worker == new.worker_id]
+        while t <= end:
+            total = tokens_between(replies, t, t + window)
+            if total and tokens_between(mine, t, t + window) >= 0.8 * total / 4:
+                t_share = t
+                break
+            t += 0.1
+    join_s = None if assigned is None else round(assigned - new.started_at, 2)
+    share_s = None if t_share is None else round(t_share - new.started_at, 2)
+    after = [r for r in replies if t_share is not None and ts(r.timing.finished_at) >= t_share]
+    result = {
+        "scenario": f"N = 3, a stream of the 80/15/5 mix at {rate:.1f} requests/s (1.25 x 4 workers' capacity); a "
+                    f"4th worker starts {pre:g} s in; from its start: when it holds partitions (its group join) and "
+                    f"when its output over the next {window:g} s first reaches 0.8 x 1/4 of the pool's",
+        "goal": "serves its share within its join time + 5 s",
+        "pass": share_s is not None and join_s is not None and share_s <= join_s + 5,
+        "join_s": join_s, "share_s": share_s, "share_after_join_s": None if share_s is None or join_s is None
+        else round(share_s - join_s, 2),
+        "initial_join_s": join3, "sent": len(sent),
+        "tokens_by_worker_after_share": {w: sum(r.usage.completion_tokens for r in rs)
+                                         for w, rs in by_worker(after).items()},
+        "partitions_used": partitions_used(pool.deliveries),
+        "cpu": CpuMeter.between(a, b), "exit_codes": codes,
+    }
+    marks = {"4th worker starts": new.started_at}
+    if assigned:
+        marks["4th holds partitions"] = assigned
+    if t_share:
+        marks["4th serves its share"] = t_share
+    plot_rate(run, "join", replies, start, marks,
+              f"a worker joins: partitions after {fmt(join_s)} s, its share after {fmt(share_s)} s")
+    return result
+
+
+def scenario_loss(run: Run) -> dict[str, Any]:
+    one = run.one_worker_tps()
+    rate = 0.5 * 4 * one / run.mean_tokens
+    d = run.params.loss_stream_s
+    pool = run.pool("loss", bands=NO_RESERVE)
+    victims: dict[str, tuple[WorkerProcess, float, dict[str, int]]] = {}
+
+    def strike(kind: str) -> None:
+        # the live worker owning the partitions that got the most records in the last 3 s
+        owners = pool.owners()
+        recent = time.time() - 3
+        load: dict[str, int] = {}
+        for at, rid, _doc in sent_log:
+            if at >= recent and rid in delivered_to:
+                w = owners.get(delivered_to[rid])
+                if w:
+                    load[w] = load.get(w, 0) + 1
+        candidates = [w for w in pool.live if w.worker_id not in {v[0].worker_id for v in victims.values()}]
+        victim = max(candidates, key=lambda w: load.get(w.worker_id, 0))
+        victims[kind] = (victim, time.time(), load)
+        victim.terminate() if kind == "SIGTERM" else victim.kill()
+
+    sent_log: list[tuple[float, str, dict[str, Any]]] = []
+    delivered_to: dict[str, tuple[str, int]] = {}
+    try:
+        join_s = pool.start(4)
+        a = run.bench.cpu.sample(pool.workers)
+        start = time.time()
+        schedule = stream_schedule(rate, d, run.mean_tokens, seed=7)
+
+        # pace in three parts so the victims can be chosen from where records went
+        def part(lo: float, hi: float) -> None:
+            chunk = [(t - lo, x) for t, x in schedule if lo <= t < hi]
+            sent = pool.pace(chunk, start + lo)
+            sent_log.extend(sent)
+            delivered_to.update({dv.request_id: (dv.topic, dv.partition) for dv in pool.deliveries})
+
+        part(0, 0.3 * d)
+        strike("SIGTERM")
+        part(0.3 * d, 0.55 * d)
+        strike("SIGKILL")
+        part(0.55 * d, d + 1)
+        t_end = time.time()
+        expected: dict[str, set[str]] = {}
+        for _at, rid, x in sent_log:
+            expected.setdefault(x["tenant_id"], set()).add(rid)
+        answered: dict[str, Reply] = {}
+        duplicates = 0
+        deadline = time.time() + max(60.0, 2 * d)
+        for tenant, ids in expected.items():
+            from producer.collector import ResultCollector
+            with ResultCollector(pool.settings, pool.topology, tenant) as collector:
+                for r in collector.replies(expect=len(ids), timeout=max(1.0, deadline - time.time())):
+                    answered[r.request_id] = r
+                duplicates += collector.stats.duplicates
+        t_all = time.time()
+        b = run.bench.cpu.sample(pool.workers)
+        codes = pool.stop()
+    finally:
+        pool.stop()
+    replies = list(answered.values())
+    lost = [rid for ids in expected.values() for rid in ids if rid not in answered]
+    statuses: dict[str, int] = {}
+    for r in replies:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    result = {
+        "scenario": f"N = 4, a stream of the 80/15/5 mix at {rate:.1f} requests/s (half the pool's capacity) for {d:g} s; "
+                    f"at {0.3 * d:g} s the busiest worker gets SIGTERM (drains), at {0.55 * d:g} s the busiest of the "
+                    "rest gets SIGKILL; then every reply is awaited",
+        "goal": "every request answered (nothing lost)", "pass": not lost and statuses.get("ok", 0) == len(replies),
+        "sent": len(sent_log), "answered": len(replies), "lost": len(lost), "statuses": statuses,
+        "duplicate_replies": duplicates, "redelivered": sum(1 for r in replies if r.attempt > 1),
+        "last_reply_after_stream_s": round(max(ts(r.timing.finished_at) for r in replies) - t_end, 2) if replies else None,
+        "victims": {kind: {"worker": v.worker_id, "at_s": round(at - start, 2), "exit_code": v.process.returncode,
+                           "served": sum(1 for r in replies if r.worker == v.worker_id),
+                           "records_last_3s_by_owner": load}
+                    for kind, (v, at, load) in victims.items()},
+        "by_worker": {w: len(rs) for w, rs in by_worker(replies).items()}, "join_s": join_s,
+        "cpu": CpuMeter.between(a, b), "exit_codes": codes, "wait_for_all_s": round(t_all - t_end, 2),
+    }
+    plot_rate(run, "loss", replies, start,
+              {f"{kind} {v.worker_id}": at for kind, (v, at, _l) in victims.items()},
+              f"SIGTERM and SIGKILL mid-run: {len(replies)} of {len(sent_log)} answered, {len(lost)} lost")
+    return result
+
+
+# ---- scenario: CPU cost of the Kafka path ----------------------------------------------------
+
+DIRECT = r"""
+import asyncio, json, sys, time
+from schemas.messages import Request, utc_now
+from worker.simulated import SimParams, SimulatedEngine
+cfg = json.loads(sys.argv[1])
+async def main():
+    engine = SimulatedEngine(SimParams(speed=cfg["speed"], max_num_seqs=cfg["slots"]))
+    sem = asyncio.Semaphore(cfg["concurrency"])
+    async def one(i):
+        r = Request.model_validate({"tenant_id": "acme", "priority": "low", "prompt": f"Request {i}: the quick brown fox",
+                                    "params": {"max_tokens": cfg["tokens"]}, "request_id": f"d{i}", "submitted_at": utc_now()})
+        async with sem:
+            await engine.generate(r, engine.render(r), priority=2)
+    cpu, t = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(cfg["requests"])))
+    print(json.dumps({"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - t}))
+asyncio.run(main())
+"""
+
+
+def scenario_cost(run: Run) -> dict[str, Any]:
+    shape = EngineShape(speed=1.0, slots=16)
+    n, k, tokens = 2, run.params.cost_requests, run.mean_tokens
+    direct_n = min(k, 400)
+    out = subprocess.run([sys.executable, "-c", DIRECT, json.dumps(
+        {"speed": shape.speed, "slots": shape.slots, "concurrency": shape.in_flight, "tokens": tokens,
+         "requests": direct_n})], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+        timeout=300)
+    if out.returncode:
+        raise RuntimeError(f"direct engine run failed: {out.stderr[-2000:]}")
+    direct = json.loads(out.stdout.strip().splitlines()[-1])
+    engine_ms = direct["cpu_s"] * 1000 / direct_n
+    pool = run.pool("cost", shape=shape, bands=NO_RESERVE)
+    try:
+        join_s = pool.start(n)
+        _t0, _t1, idle = run.cpu_window(pool, 3.0)
+        docs = [{**x, "params": {**x["params"], "max_tokens": tokens}} for x in mix_docs(k, tokens, seed=3)]
+        counts = {t: sum(1 for x in docs if x["tenant_id"] == t) for t in TENANTS}
+        a = run.bench.cpu.sample(pool.workers)
+        t_pub = time.time()
+        pool.publish(docs)
+        replies = [r for t in TENANTS for r in pool.collect(t, expect=counts[t], timeout=300)]
+        b = run.bench.cpu.sample(pool.workers)
+        codes = pool.stop()
+    finally:
+        pool.stop()
+    load = CpuMeter.between(a, b)
+    wall = load["wall_s"]
+    per = {}
+    for part in ("workers", "broker"):
+        raw = load[f"{part}_cpu_s"]
+        idle_rate = idle[f"{part}_pct"] / 100
+        per[part] = {"raw_ms": round(raw * 1000 / k, 3), "idle_subtracted_ms": round((raw - idle_rate * wall) * 1000 / k, 3)}
+    per["workers"]["kafka_path_ms"] = round(per["workers"]["idle_subtracted_ms"] - engine_ms, 3)
+    per["producer_and_collector_ms"] = {"raw_ms": round(load["bench_cpu_s"] * 1000 / k, 3)}
+    kafka_path = per["workers"]["kafka_path_ms"] + per["broker"]["idle_subtracted_ms"]
+    result = {
+        "scenario": f"N = 2 workers at speed {shape.speed:g}, {shape.slots} slots; {k} requests of the 80/15/5 mix, "
+                    f"{tokens} tokens, published at once; CPU of workers and broker per request, minus their idle rate "
+                    "(3 s measured before) over the same time; the simulated engine alone (same shape, same prompts, "
+                    f"{direct_n} requests in one process) gives the engine model's own share",
+        "goal": "reported (no threshold): the Kafka path's CPU per request in worker and broker",
+        "pass": None, "answered": len(replies), "requests": k, "wall_s": wall,
+        "cpu_ms_per_request": per, "simulated_engine_alone_ms_per_request": round(engine_ms, 3),
+        "kafka_path_ms_per_request": round(kafka_path, 3),
+        "idle_cpu": idle, "load_cpu": load, "join_s": join_s, "exit_codes": codes,
+        "direct_engine": direct,
+    }
+    plot_cost(run, per, engine_ms, idle)
+    return result
+
+
+# ---- plots ---------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rate_series(replies: list[Reply], t0: float, t1: float, bucket: float = 0.5) -> tuple[list[float], list[float]]:
+    n = max(1, int((t1 - t0) / bucket) + 1)
+    counts = [0] * n
+    for r in replies:
+        for t in token_times(r):
+            i = int((t - t0) / bucket)
+            if 0 <= i < n:
+                counts[i] += 1
+    return [i * bucket for i in range(n)], [c / bucket for c in counts]
+
+
+def plot_timeline(run: Run, name: str, panels: list[tuple[str, list[Reply], float, float]], by: str = "worker") -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels) + 0.6), squeeze=False)
+    for ax, (title, replies, w0, w1) in zip(axes[:, 0], panels):
+        if not replies:
+            continue
+        t0 = min(ts(r.timing.dequeued_at) or w0 for r in replies)
+        t1 = max(ts(r.timing.finished_at) for r in replies)
+        groups: dict[str, list[Reply]] = {}
+        for r in replies:
+            groups.setdefault(r.worker if by == "worker" else r.tenant_id, []).append(r)
+        for key in sorted(groups):
+            x, y = _rate_series(groups[key], t0, t1)
+            ax.plot(x, y, label=key, lw=1)
+        ax.axvspan(w0 - t0, w1 - t0, color="0.9", label="measured window")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=7, ncol=5, loc="upper right")
+    axes[-1, 0].set_xlabel("s since the first request started")
+    fig.suptitle(f"tierq pool ({run.routing_label}): output per {by}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pool-{name}-{run.args.tag}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_cumulative(run: Run, name: str, replies: list[Reply], t0: float, labels: dict[str, str], title: str,
+                    marks: dict[str, float]) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for w, rs in by_worker(replies).items():
+        times = sorted(ts(r.timing.finished_at) - t0 for r in rs)
+        ax.step(times, range(1, len(times) + 1), where="post", label=labels.get(w, w))
+    times = sorted(ts(r.timing.finished_at) - t0 for r in replies)
+    ax.step(times, range(1, len(times) + 1), where="post", label="pool", color="k")
+    for label, at in marks.items():
+        ax.axvline(at - t0, ls="--", color="0.4")
+        ax.text(at - t0, 0, f" {label}", rotation=90, va="bottom", fontsize=8)
+    ax.set_xlabel("s since the load was published")
+    ax.set_ylabel("requests completed")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pool-{name}-{run.args.tag}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_rate(run: Run, name: str, replies: list[Reply], t0: float, marks: dict[str, float], title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    t1 = max((ts(r.timing.finished_at) for r in replies), default=t0 + 1)
+    for w, rs in by_worker(replies).items():
+        x, y = _rate_series(rs, t0, t1, bucket=1.0)
+        ax.plot(x, y, label=w, lw=1.2)
+    for label, at in marks.items():
+        ax.axvline(at - t0, ls="--", color="0.4")
+        ax.text(at - t0, ax.get_ylim()[1] * 0.95, f" {label}", rotation=90, va="top", fontsize=8)
+    ax.set_xlabel("s since the stream started")
+    ax.set_ylabel("output tokens/s (1 s buckets)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pool-{name}-{run.args.tag}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_priority(run: Run, phases: dict[str, dict[str, Any]], stats: dict[str, Any]) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, (name, ph) in zip(axes, phases.items()):
+        highs = ph["high"]
+        if not highs:
+            continue
+        t0 = min(ts(r.timing.submitted_at) for r in highs)
+        ax.scatter([ts(r.timing.submitted_at) - t0 for r in highs], [max(r.timing.queue_ms, 0.1) for r in highs], s=10,
+                   color="tab:red", label=f"trickle ({len(highs)} answered)")
+        ax.set_title(f"{name}: queue p50/p99 {stats[name]['queue_ms_p50']}/{stats[name]['queue_ms_p99']} ms", fontsize=10)
+        ax.set_xlabel("submitted at (s)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("queue time (ms)")
+    fig.suptitle(f"tierq pool priority ({run.routing_label}): high trickle, idle pool / over a low backlog / FIFO")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pool-priority-{run.args.tag}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_fairness(run: Run, alone: list[Reply], together: list[Reply], flood: list[Reply], t_flood: float,
+                  r50: float | None) -> None:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for label, rs in (("globex alone", alone), ("globex with acme's 10x flood", together)):
+        q = sorted(r.timing.queue_ms / 1000 for r in rs)
+        a1.step(q, [(i + 1) / len(q) for i in range(len(q))], where="post", label=label)
+    a1.set_xlabel("queue time (s)")
+    a1.set_ylabel("fraction of requests")
+    a1.set_title(f"globex queue time: median ratio {r50}", fontsize=10)
+    a1.legend(fontsize=8)
+    for label, rs in (("acme (flood)", flood), ("globex", together)):
+        times = sorted(ts(r.timing.finished_at) - t_flood for r in rs)
+        a2.step(times, range(1, len(times) + 1), where="post", label=label)
+    a2.set_xlabel("s since both published")
+    a2.set_ylabel("requests completed")
+    a2.set_title("completions with the flood", fontsize=10)
+    a2.legend(fontsize=8)
+    fig.suptitle(f"tierq pool fairness ({run.routing_label})")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pool-fairness-{run.args.tag}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_cost(run: Run, per: dict[str, Any], engine_ms: float, idle: dict[str, Any]) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = ["worker: Kafka path", "worker: engine model", "broker", "producer + collector"]
+    values = [per["workers"]["kafka_path_ms"], engine_ms, per["broker"]["idle_subtracted_ms"],
+              per["producer_and_collector_ms"]["raw_ms"]]
+    ax.barh(labels, values, color=["tab:blue", "tab:gray", "tab:orange", "tab:green"])
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f} ms", va="center")
+    ax.set_xlabel("CPU ms per request (idle rate subtracted)")
+    ax.set_title(f"Kafka path CPU per request; idle pool: workers {idle['workers_pct']}% broker {idle['broker_pct']}% "
+                 "of a core", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pool-cost-{run.args.tag}.png", dpi=100)
+    plt.close(fig)
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "scale": scenario_scale, "mix": scenario_mix, "hetero": scenario_hetero, "priority": scenario_priority,
+    "fairness": scenario_fairness, "join": scenario_join, "loss": scenario_loss, "cost": scenario_cost,
+}
+
+HEADLINE = {
+    "scale": lambda r: f"efficiency at N=1/2/4{'/8' if '8' in map(str, r['efficiency_by_n']) else ''}: "
+                       + " / ".join(str(v) for v in r["efficiency_by_n"].values()),
+    "mix": lambda r: f"capacity used {r['capacity_used']}",
+    "hetero": lambda r: f"drain {fmt(r['drain_s'] or r['projected_drain_s'])} s vs ideal {r['ideal_s']} s: "
+                        f"{r['ratio_to_ideal']}x" + ("" if r["drain_s"] else " (projected)"),
+    "priority": lambda r: f"high queue p99 {r['high']['priority']['queue_ms_p99']} ms vs idle "
+                          f"{r['high']['idle']['queue_ms_p99']} ms: {r['queue_p99_ratio']}x; FIFO "
+                          f"{r['high']['fifo']['queue_ms_p99']} ms",
+    "fairness": lambda r: f"globex median queue {r['globex_with_flood']['queue_ms_p50']} ms vs "
+                          f"{r['globex_alone']['queue_ms_p50']} ms alone: {r['queue_p50_ratio']}x",
+    "join": lambda r: f"join {r['join_s']} s, share after {r['share_s']} s",
+    "loss": lambda r: f"{r['answered']}/{r['sent']} answered, {r['lost']} lost, {r['redelivered']} redelivered",
+    "cost": lambda r: f"Kafka path {r['kafka_path_ms_per_request']} ms CPU/request (worker "
+                      f"{r['cpu_ms_per_request']['workers']['kafka_path_ms']}, broker "
+                      f"{r['cpu_ms_per_request']['broker']['idle_subtracted_ms']})",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter windows and loads (~4 minutes)")
+    parser.add_argument("--full", action="store_true", help="also N = 8 in the scale scenario")
+    parser.add_argument("--only", help=f"comma-separated scenarios (of {', '.join(SCENARIOS)})")
+    parser.add_argument("--speed", type=float, default=0.1, help="simulated engine speed (x the reference H100)")
+    parser.add_argument("--slots", type=int, default=4, help="simulated engine slots (max_num_seqs)")
+    parser.add_argument("--tokens", type=int, default=16, help="mean max_tokens per request (0.5x-1.5x)")
+    parser.add_argument("--key-hash", action="store_true",
+                        help="publish with Kafka's key hash (Producer(routing=False)) instead of the Producer's routing")
+    parser.add_argument("--workers", help="pool sizes of the scale scenario (default 1,2,4; 1,2,4,8 with --full)")
+    parser.add_argument("--tag", default="cpu", help="suffix of the result files")
+    args = parser.parse_args()
+    if args.key_hash and "routing" not in inspect.signature(Producer).parameters:
+        parser.error("this Producer has no routing switch (it already publishes by key hash)")
+    only = [s for s in (args.only.split(",") if args.only else SCENARIOS)]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    configure(level="WARNING")
+    params = QUICK if args.quick else FULL
+    machine = machine_info()
+    machine["busy_processes_at_start"] = other_processes()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker() as broker:
+        bench = Bench(broker.bootstrap, broker.pid)
+        bench.machine = machine
+        run = Run(args, params, bench, EngineShape(speed=args.speed, slots=args.slots),
+                  routing_label="key hash" if args.key_hash else "Producer routing")
+        summary: dict[str, Any] = {}
+        for name in only:
+            t = time.time()
+            print(f"[{time.time() - run.started:6.1f}s] {name} ...", flush=True)
+            try:
+                result = {**base_result(run, name), **RUNNERS[name](run)}
+                write(run, name, result)
+                summary[name] = {"goal": result["goal"], "pass": result["pass"], "figure": HEADLINE[name](result),
+                                 "seconds": round(time.time() - t, 1)}
+            except Exception as exc:  # one scenario's failure must not hide the others' figures
+                traceback.print_exc()
+                summary[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False,
+                                 "seconds": round(time.time() - t, 1)}
+                for pool in run.pools:
+                    pool.stop()
+            print(f"[{time.time() - run.started:6.1f}s] {name}: {json.dumps(summary[name])}", flush=True)
+        total = round(time.time() - run.started, 1)
+    out = {**base_result(run, "summary"), "bench": "pool", "total_s": total, "scenarios": summary,
+           "machine_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}}
+    out.pop("loadavg_at_scenario_start", None)
+    (RESULTS / f"pool-{args.tag}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print()
+    for name, s in summary.items():
+        verdict = "error" if "error" in s else ("-" if s["pass"] is None else ("PASS" if s["pass"] else "FAIL"))
+        print(f"{name:9} {verdict:5} {s.get('figure') or s.get('error')}   [{s['seconds']} s]")
+    print(f"total {total} s; results in {RESULTS}/pool-*-{args.tag}.{{json,png}}")
+
+
+if __name__ == "__main__":
+    main()
