@@ -15,12 +15,16 @@ Rules, in order:
    ties go to the older request. A tenant with 10x the backlog gets no more than its share.
 5. **Per-tenant in-flight cap** (``quotas.max_in_flight``): a tenant at its cap is skipped.
 
-Selection scans the small bounded buffer each time instead of keeping a heap: a heap
-whose order depends on the clock silently breaks, a scan of a few dozen items cannot.
+Waiting requests are kept in one queue per (topic band, tenant), oldest first. Within such a
+queue the oldest request always has the highest effective band (promotion times grow with
+``submitted_at``) and the same fair-share tag, so only queue heads can be next: selection
+scans the heads (a few per tenant) each time, not every buffered request, and no order ever
+depends on the clock except through that comparison with ``now``.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import defaultdict
@@ -71,7 +75,8 @@ class AdmissionPolicy:
         self.capacity = capacity
         self.tenant_caps = tenant_caps or {}
         self.aging = aging
-        self.waiting: list[Pending] = []
+        #: (topic band, tenant) -> its waiting requests, oldest first
+        self._queues: dict[tuple[Band, str], list[Pending]] = {}
         self._earliest_deadline = math.inf  # no waiting request expires before this (maybe later)
         self.in_flight = 0
         self.in_flight_by_tenant: dict[str, int] = defaultdict(int)
@@ -91,7 +96,8 @@ class AdmissionPolicy:
     def add(self, item: Pending) -> None:
         item.seq = next(self._seq)
         item.promote_at = self._promotion_times(item) if self.aging else ()
-        self.waiting.append(item)
+        queue = self._queues.setdefault((item.band, item.tenant_id), [])
+        bisect.insort(queue, item, key=_age_order)
         self._earliest_deadline = min(self._earliest_deadline, item.deadline_ts)
 
     def _promotion_times(self, item: Pending) -> tuple[float, ...]:
@@ -115,33 +121,40 @@ class AdmissionPolicy:
             promotions += 1
         return BAND_ORDER[item.band.rank - promotions]
 
+    @property
+    def waiting(self) -> list[Pending]:
+        """Every waiting request (a copy; for gauges and tests, not the hot path)."""
+        return [item for queue in self._queues.values() for item in queue]
+
     def take_expired(self, now: float) -> list[Pending]:
         if now < self._earliest_deadline:  # the worker asks every loop turn: skip the scan
             return []
-        expired = [item for item in self.waiting if item.deadline_ts <= now]
-        if expired:
-            self.waiting = [item for item in self.waiting if item.deadline_ts > now]
-        self._earliest_deadline = min((item.deadline_ts for item in self.waiting), default=math.inf)
+        expired = self.remove_where(lambda item: item.deadline_ts <= now)
+        self._earliest_deadline = min((item.deadline_ts for queue in self._queues.values() for item in queue),
+                                      default=math.inf)
         return expired
 
     def next(self, now: float) -> Pending | None:
         """Remove and return the request to start now, or None if nothing may start."""
-        if not self.waiting or self.in_flight >= self._limit[Band.high]:  # full: skip the scan
+        if not self._queues or self.in_flight >= self._limit[Band.high]:  # full: skip the scan
             return None
-        best, best_key, best_band = None, None, Band.low
-        for item in self.waiting:
-            cap = self.tenant_caps.get(item.tenant_id)
-            if cap is not None and self.in_flight_by_tenant[item.tenant_id] >= cap:
+        best_queue, best_key, best_band = None, None, Band.low
+        for (_band, tenant_id), queue in self._queues.items():
+            cap = self.tenant_caps.get(tenant_id)
+            if cap is not None and self.in_flight_by_tenant[tenant_id] >= cap:
                 continue
-            band = self.effective_band(item, now)
-            start = max(self._virtual_time[band], self._finish_tag[band].get(item.tenant_id, 0.0))
-            key = (band.rank, start, item.submitted_ts, item.seq)
+            head = queue[0]
+            band = self.effective_band(head, now) if head.promote_at else head.band
+            start = max(self._virtual_time[band], self._finish_tag[band].get(tenant_id, 0.0))
+            key = (band.rank, start, head.submitted_ts, head.seq)
             if best_key is None or key < best_key:
-                best, best_key, best_band = item, key, band
-        if best is None or self.in_flight >= self._limit[best_band]:
+                best_queue, best_key, best_band = queue, key, band
+        if best_queue is None or self.in_flight >= self._limit[best_band]:
             return None
         assert best_key is not None
-        self.waiting.remove(best)
+        best = best_queue.pop(0)
+        if not best_queue:
+            del self._queues[(best.band, best.tenant_id)]
         start = best_key[1]
         self._virtual_time[best_band] = start
         self._finish_tag[best_band][best.tenant_id] = start + best.cost
@@ -156,23 +169,36 @@ class AdmissionPolicy:
 
     def remove_where(self, predicate: Any) -> list[Pending]:
         """Drop waiting items matching ``predicate`` (e.g. from revoked partitions)."""
-        removed = [item for item in self.waiting if predicate(item)]
-        if removed:
-            self.waiting = [item for item in self.waiting if not predicate(item)]
+        removed = []
+        for key in list(self._queues):
+            queue = self._queues[key]
+            gone = [item for item in queue if predicate(item)]
+            if gone:
+                removed += gone
+                kept = [item for item in queue if not predicate(item)]
+                if kept:
+                    self._queues[key] = kept
+                else:
+                    del self._queues[key]
         return removed
 
     def waiting_by(self, key: Any) -> dict[Any, int]:
         """Waiting requests counted by ``key(item)`` (e.g. source partition)."""
         counts: dict[Any, int] = defaultdict(int)
-        for item in self.waiting:
-            counts[key(item)] += 1
+        for queue in self._queues.values():
+            for item in queue:
+                counts[key(item)] += 1
         return counts
 
     def waiting_by_band(self) -> dict[Band, int]:
         counts = {band: 0 for band in BAND_ORDER}
-        for item in self.waiting:
-            counts[item.band] += 1
+        for (band, _tenant), queue in self._queues.items():
+            counts[band] += len(queue)
         return counts
+
+
+def _age_order(item: Pending) -> tuple[float, int]:
+    return item.submitted_ts, item.seq
 
 
 def band_rules(bands: Iterable[tuple[Band, Any]]) -> dict[Band, BandRules]:

@@ -27,13 +27,14 @@ import confluent_kafka
 import structlog
 
 from broker.topics import PartitionKey
-from schemas.messages import BAND_ORDER, Band, ErrorCode, Reply, Request, Timing, utc_now
+from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request, Timing, utc_now
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
 from worker.admission import AdmissionPolicy, Pending, band_rules
 from worker.attempts import AttemptsLedger
-from worker.engine import EngineAdapter, EngineDead, EngineRequestError, RequestRejected
+from worker.control import CancelBook, ControlReader
+from worker.engine import EngineAdapter, EngineDead, EngineRequestError, Progress, RequestRejected
 from worker.intake import Intake
 from worker.offsets import OffsetTracker
 from worker.poison import Attempt, PoisonGuard
@@ -41,6 +42,7 @@ from worker.pool_caps import pool_caps
 from worker.replies import ReplyWriter
 from worker.reply_builder import ReplyBuilder
 from worker.settings import WorkerSettings
+from worker.streaming import ChunkStream
 from worker.triage import Answer, Buffer, DeadLetter, Triage
 
 log = structlog.get_logger("tierq.worker")
@@ -68,7 +70,8 @@ class Worker:
     """One worker process: drains one pool into one engine."""
 
     def __init__(self, settings: WorkerSettings, topology: Topology, engine: EngineAdapter, *,
-                 intake: Intake, writer: ReplyWriter, guard: PoisonGuard, reloader: TenantsReloader | None = None):
+                 intake: Intake, writer: ReplyWriter, guard: PoisonGuard, reloader: TenantsReloader | None = None,
+                 control: ControlReader | None = None):
         if settings.pool not in topology.pools:
             raise ValueError(f"unknown pool {settings.pool!r} (pools: {', '.join(topology.pools)})")
         self.settings = settings
@@ -95,6 +98,10 @@ class Worker:
         self._abort = False
         self.fatal: str | None = None
         self.served = 0
+        self.control = control
+        self.cancels = CancelBook(settings.cancel_memory_s, settings.cancel_memory_limit)
+        self.running: dict[str, tuple[asyncio.Task[None], Pending]] = {}  # by request_id
+        self._cancelled_by_tenant: set[str] = set()  # running requests whose task a cancel record ended
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -137,6 +144,7 @@ class Worker:
             self.guard.close()
             return 0
         await asyncio.to_thread(self.guard.load)
+        await self._start_control()
         self.intake.subscribe(on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         log.info("worker_started", pool=self.pool, worker=self.settings.worker_id,
                  slots=self.settings.max_num_seqs, capacity=self.policy.capacity)
@@ -155,6 +163,7 @@ class Worker:
                     self.intake.poll(0)  # keep the group membership alive while draining
                 self._reload_tenants()
                 self.guard.poll()
+                self._control_turn()
                 self.writer.poll()
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     self.intake.commit(self.tracker.committable())
@@ -206,6 +215,8 @@ class Worker:
             self.guard.released(list(self.intake.assigned), clean=True)
         self.intake.close()  # may revoke partitions, which flushes the writer and commits
         self.guard.close()
+        if self.control is not None:
+            self.control.close()
         self.writer.close()
         log.info("worker_stopped", served=self.served, fatal=self.fatal)
 
@@ -226,6 +237,8 @@ class Worker:
         band = self.intake.topic_band[msg.topic()]
         done = self._offset_done_callback(tp, offset)
         verdict = self.triage.classify(msg.value(), band, lambda rid: self.guard.prior_attempts(rid, tp, offset))
+        if isinstance(verdict, Buffer) and self._cancelled_on_arrival(verdict.request, band, done, received_at):
+            return
         if isinstance(verdict, Buffer):
             request = verdict.request
             deadline = request.deadline.timestamp() if request.deadline else float("inf")
@@ -249,7 +262,7 @@ class Worker:
     def _dead_letter(self, msg: confluent_kafka.Message, verdict: DeadLetter, done: Callable[[], None]) -> None:
         source = (msg.topic(), msg.partition(), msg.offset())
         log.warning("dead_lettered", topic=source[0], partition=source[1], offset=source[2], reason=verdict.reason)
-        metrics.dead_letters.labels(verdict.reason.split(":", 1)[0]).inc()
+        metrics.child(metrics.dead_letters, verdict.reason.split(":", 1)[0]).inc()
         self.writer.dead_letter(msg.value(), source, verdict.reason, key=msg.key(), on_durable=done)
 
     def _expire(self, now: float) -> None:
@@ -266,13 +279,16 @@ class Worker:
             tasks.add(task)
             # the slot is freed when the task ends, however it ends (even cancelled before it started)
             task.add_done_callback(lambda t, item=item, tasks=tasks: self._slot_freed(item, t, tasks))
+            self.running[item.request_id] = (task, item)
             served_as = item.served_as or item.band
-            metrics.admitted.labels(item.band.value, served_as.value, item.tenant_id).inc()
+            metrics.child(metrics.admitted, item.band.value, served_as.value, item.tenant_id).inc()
             if served_as is not item.band:
-                metrics.promotions.labels(item.band.value).inc()
+                metrics.child(metrics.promotions, item.band.value).inc()
 
     def _slot_freed(self, item: Pending, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
         tasks.discard(task)
+        if self.running.get(item.request_id, (None,))[0] is task:
+            del self.running[item.request_id]
         self.policy.finished(item)
         self._wake.set()
 
@@ -283,9 +299,23 @@ class Worker:
         dequeued_at = utc_now()
         attempt: Attempt | None = None
         reply: Reply
+        progress, stream = Progress(), None
         try:
             attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
-            completion = await self.engine.generate(request, buffered.prompt_ids, priority=served_as.rank)
+            if request.stream:
+                stream = ChunkStream(request.request_id, request.tenant_id, attempt.number, self._chunk_sender())
+                progress = Progress(stream.on_delta)
+            completion = await self.engine.generate(request, buffered.prompt_ids, priority=served_as.rank,
+                                                    progress=progress)
+        except asyncio.CancelledError:
+            if request.request_id not in self._cancelled_by_tenant:
+                raise  # a rebalance or shutdown: unanswered, the request goes back to Kafka
+            self._cancelled_by_tenant.discard(request.request_id)
+            if stream is not None:
+                stream.finish()
+            reply = self.replies.cancelled(request, item.band, served_as, prompt_tokens=len(buffered.prompt_ids),
+                                           progress=progress, attempt=attempt.number if attempt else 1,
+                                           received_at=buffered.received_at, dequeued_at=dequeued_at)
         except RequestRejected as exc:
             reply = self.replies.failed(request, item.band, served_as, exc.code, exc.message,
                                         received_at=buffered.received_at, dequeued_at=dequeued_at)
@@ -297,6 +327,8 @@ class Worker:
             self.fatal = f"engine died: {exc}"
             return
         else:
+            if stream is not None:
+                stream.finish()
             reply = self.replies.served(request, item.band, served_as, completion, attempt=attempt.number,
                                         received_at=buffered.received_at, dequeued_at=dequeued_at)
             self._observe(item.band, reply.timing, completion.completion_tokens)
@@ -306,12 +338,12 @@ class Worker:
     def _observe(band: Band, timing: Timing, completion_tokens: int) -> None:
         label = band.value
         if timing.queue_ms is not None:
-            metrics.queue_seconds.labels(label).observe(timing.queue_ms / 1000)
+            metrics.child(metrics.queue_seconds, label).observe(timing.queue_ms / 1000)
         if timing.ttft_ms is not None:
-            metrics.ttft_seconds.labels(label).observe(timing.ttft_ms / 1000)
+            metrics.child(metrics.ttft_seconds, label).observe(timing.ttft_ms / 1000)
         if timing.e2e_ms is not None:
-            metrics.e2e_seconds.labels(label).observe(timing.e2e_ms / 1000)
-        metrics.tokens.labels(label).inc(completion_tokens)
+            metrics.child(metrics.e2e_seconds, label).observe(timing.e2e_ms / 1000)
+        metrics.child(metrics.tokens, label).inc(completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
         def durable() -> None:
@@ -319,8 +351,67 @@ class Worker:
             self.guard.answered(reply.request_id, attempt)
 
         self.served += 1
-        metrics.replies.labels(band.value, reply.status.value, reply.tenant_id).inc()
+        metrics.child(metrics.replies, band.value, reply.status.value, reply.tenant_id).inc()
         self.writer.reply(self.topology.reply_topic(reply.tenant_id), reply, on_durable=durable)
+
+    # ---- streaming and cancellation ----------------------------------------------------
+
+    def _chunk_sender(self) -> Callable[..., None]:
+        return lambda chunk: self.writer.chunk(self.topology.reply_topic(chunk.tenant_id), chunk)
+
+    async def _start_control(self) -> None:
+        if self.control is None:
+            return
+        problem = await asyncio.to_thread(self.control.start)
+        if problem is not None:
+            log.error("cancels_not_read", problem=problem,
+                      why="cancel records are ignored until this worker restarts with its control topic")
+
+    def _control_turn(self) -> None:
+        if self.control is not None:
+            for cancel in self.control.poll():
+                self._on_cancel(cancel)
+
+    def _on_cancel(self, cancel: Cancel) -> None:
+        """Running: end its task (the engine aborts it; ``_serve`` answers). Waiting: answer now.
+        Neither: remember it for when the request arrives. Only the request's tenant may cancel it."""
+        rid = cancel.request_id
+        if rid in self.running:
+            task, item = self.running[rid]
+            if self._cancel_allowed(cancel, item.tenant_id):
+                self._cancelled_by_tenant.add(rid)
+                task.cancel()
+                metrics.cancels.labels("running").inc()
+            return
+        waiting = next((item for item in self.policy.waiting if item.request_id == rid), None)
+        if waiting is None:
+            self.cancels.remember(cancel)
+            metrics.cancels.labels("remembered").inc()
+        elif self._cancel_allowed(cancel, waiting.tenant_id):
+            for item in self.policy.remove_where(lambda i: i.request_id == rid):
+                self._send(self.replies.cancelled(item.payload.request, item.band, None,
+                                                  received_at=item.payload.received_at), item.band, item.payload.done)
+            metrics.cancels.labels("queued").inc()
+            self._wake.set()
+
+    def _cancelled_on_arrival(self, request: Request, band: Band, done: Callable[[], None],
+                              received_at: datetime) -> bool:
+        """A request whose cancel came first is answered without being buffered."""
+        cancel = self.cancels.take(request.request_id)
+        if cancel is None or not self._cancel_allowed(cancel, request.tenant_id):
+            return False
+        metrics.cancels.labels("on_arrival").inc()
+        self._send(self.replies.cancelled(request, band, None, received_at=received_at), band, done)
+        return True
+
+    @staticmethod
+    def _cancel_allowed(cancel: Cancel, owner: str) -> bool:
+        if cancel.tenant_id == owner:
+            return True
+        log.warning("cancel_refused", request_id=cancel.request_id, tenant=cancel.tenant_id,
+                    why="a tenant may cancel only its own requests")
+        metrics.cancels.labels("refused").inc()
+        return False
 
     # ---- rebalancing and gauges ------------------------------------------------------
 
@@ -368,9 +459,9 @@ class Worker:
 
     def _update_gauges(self) -> None:
         for band, count in self.policy.waiting_by_band().items():
-            metrics.waiting.labels(band.value).set(count)
+            metrics.child(metrics.waiting, band.value).set(count)
         for band, count in self.intake.paused_by_band().items():
-            metrics.paused.labels(band.value).set(count)
+            metrics.child(metrics.paused, band.value).set(count)
         metrics.slots_in_use.set(self.policy.in_flight)
 
 
@@ -382,4 +473,6 @@ def build_worker(settings: WorkerSettings, topology: Topology, engine: EngineAda
     guard = PoisonGuard(AttemptsLedger(settings, topology.attempts.topic, group_id), writer, group_id)
     intake = Intake(settings, topology.pool_topics(settings.pool), group_id=group_id,
                     session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id)
-    return Worker(settings, topology, engine, intake=intake, writer=writer, guard=guard, reloader=reloader)
+    control = ControlReader(settings, topology.control_topic(settings.pool), settings.cancel_memory_s)
+    return Worker(settings, topology, engine, intake=intake, writer=writer, guard=guard, reloader=reloader,
+                  control=control)
