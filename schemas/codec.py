@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.messages import REQUEST_SCHEMA, ErrorCode, Reply, Request
+from schemas.messages import CHUNK_SCHEMA, REQUEST_SCHEMA, Cancel, Chunk, ErrorCode, Reply, Request
 
 _DUMP_OPTS = orjson.OPT_UTC_Z
 
@@ -88,6 +88,28 @@ def decode_reply(raw: bytes) -> Reply:
         return Reply.model_validate(document)
     except ValidationError as exc:
         raise InvalidMessage(describe_validation_error(exc), document=document) from None
+
+
+def _validate(model: type[Any], document: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidMessage(describe_validation_error(exc), document=document) from None
+
+
+def decode_reply_topic_record(raw: bytes, headers: list[tuple[str, bytes]] | None = None) -> Reply | Chunk:
+    """A record of a reply topic: a reply, or a chunk of a streamed request (readers of replies skip
+    those). The ``schema`` header says which without parsing; records without it (outside
+    writers) are told apart by their ``schema`` field."""
+    document = loads_object(raw)
+    kind = next((value for key, value in headers or () if key == "schema"), None)
+    if kind == CHUNK_SCHEMA.encode() or (kind is None and document.get("schema") == CHUNK_SCHEMA):
+        return _validate(Chunk, document)
+    return _validate(Reply, document)
+
+
+def decode_cancel(raw: bytes) -> Cancel:
+    return _validate(Cancel, loads_object(raw))
 
 
 def encode(message: BaseModel) -> bytes:

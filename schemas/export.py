@@ -7,12 +7,14 @@ from typing import Any
 
 import orjson
 
-from schemas.messages import REPLY_SCHEMA, REQUEST_SCHEMA, Reply, Request
+from schemas.messages import CANCEL_SCHEMA, CHUNK_SCHEMA, REPLY_SCHEMA, REQUEST_SCHEMA, Cancel, Chunk, Reply, Request
 
 #: File name -> (model, schema id). Names carry the version so v2 can sit beside v1.
 SCHEMA_FILES: dict[str, tuple[type, str]] = {
     "tierq.request.v1.schema.json": (Request, REQUEST_SCHEMA),
     "tierq.reply.v1.schema.json": (Reply, REPLY_SCHEMA),
+    "tierq.chunk.v1.schema.json": (Chunk, CHUNK_SCHEMA),
+    "tierq.cancel.v1.schema.json": (Cancel, CANCEL_SCHEMA),
 }
 
 #: The copy shipped in the package and kept in the repository (a test checks it is current).

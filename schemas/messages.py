@@ -25,6 +25,8 @@ from pydantic import (
 
 REQUEST_SCHEMA = "tierq.request/v1"
 REPLY_SCHEMA = "tierq.reply/v1"
+CHUNK_SCHEMA = "tierq.chunk/v1"
+CANCEL_SCHEMA = "tierq.cancel/v1"
 
 #: Tenant ids appear in topic names (``tierq.replies.<tenant>``), so they use the
 #: characters Kafka allows in a topic name, lower case only.
@@ -85,14 +87,56 @@ class ChatMessage(_Strict):
     content: str
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``: the JSON Schema the output must validate against."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "output"
+    description: str | None = None
+    schema_: dict[str, JsonValue] = Field(alias="schema", description="a JSON Schema (bound every string "
+                                          "with maxLength or enum, or small models may run on to max_tokens)")
+    strict: bool | None = Field(default=None, description="accepted for OpenAI compatibility; the output "
+                                "is always constrained to the schema")
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON valid against a schema.
+    The worker constrains decoding (vLLM structured outputs), so the text parses as asked unless
+    ``max_tokens`` cuts it off (``finish_reason: "length"``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema' and only then")
+        return self
+
+
+#: Most outputs one request may ask for (``n``) and most alternatives per token (``logprobs``).
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
 class SamplingParams(_Strict):
-    """The sampling parameters a request may set; each maps 1:1 to vLLM's."""
+    """The sampling parameters a request may set; each maps 1:1 to vLLM's.
+
+    ``n``, ``logprobs`` and ``response_format`` were added to v1 as optional fields: a request
+    without them reads exactly as before, and a worker older than them answers a request that
+    sets them ``invalid_request`` (unknown field), never silently ignores them."""
 
     max_tokens: int = Field(default=128, ge=1, le=1_000_000)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list, max_length=16)
     seed: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N, exclude_if=lambda value: value == 1,
+                   description="outputs to generate for the prompt; each takes an engine slot")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, exclude_if=lambda value: value is None,
+                                 description="return each output token's log probability and this many most "
+                                             "likely alternatives per position (0: the chosen token's only)")
+    response_format: ResponseFormat | None = Field(default=None, exclude_if=lambda value: value is None,
+                                                   description="constrain the output to JSON (structured outputs)")
 
 
 def utc_now() -> datetime:
@@ -113,6 +157,10 @@ class Request(_Strict):
     submitted_at: AwareDatetime
     deadline: AwareDatetime | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    #: left out of the JSON when false, so an unstreamed request reads exactly as before this field
+    #: existed; a worker older than it answers a streamed one ``invalid_request`` (unknown field)
+    stream: bool = Field(default=False, exclude_if=lambda value: not value,
+                         description="true: the worker also publishes tierq.chunk/v1 records as tokens come")
 
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> Request:
@@ -146,6 +194,31 @@ class Timing(_Strict):
     e2e_ms: float | None = None
 
 
+class TopLogprob(_Strict):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Strict):
+    """One output token: its log probability and the most likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Choice(_Strict):
+    """One of a request's ``n`` outputs."""
+
+    index: int = Field(ge=0)
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = Field(default=0, ge=0)
+    logprobs: list[TokenLogprob] | None = None
+
+
 class Reply(_Strict):
     """The answer to one request, on the tenant's reply topic with key = request_id."""
 
@@ -164,6 +237,10 @@ class Reply(_Strict):
     timing: Timing = Field(default_factory=Timing)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     simulated: bool = Field(default=False, description="true when a simulated engine (load testing) made it: no model ran")
+    choices: list[Choice] | None = Field(
+        default=None, exclude_if=lambda value: value is None,
+        description="every output, when the request asked for n > 1 or logprobs (absent otherwise); "
+                    "text and finish_reason repeat choices[0], usage.completion_tokens counts them all")
 
     @field_validator("schema_", mode="before")
     @classmethod
@@ -177,3 +254,32 @@ class Reply(_Strict):
         if (self.status is Status.ok) == (self.error is not None):
             raise ValueError("a reply carries 'error' exactly when its status is not 'ok'")
         return self
+
+
+class Chunk(_Strict):
+    """Part of a streamed request's text, on the tenant's reply topic with key = request_id, before
+    its reply. ``index`` counts this attempt's chunks from 0; ``offset`` is how many characters of
+    this attempt's text came before ``delta``, so a reader that saw an earlier attempt can skip what
+    it already has. The reply that follows is complete on its own: chunks are an early view of it."""
+
+    schema_: Literal["tierq.chunk/v1"] = Field(default=CHUNK_SCHEMA, alias="schema")
+    request_id: str
+    tenant_id: str
+    attempt: int = Field(ge=1, description="the engine attempt that made this text (a retry after a crash starts over)")
+    index: int = Field(ge=0)
+    offset: int = Field(ge=0, description="characters of this attempt's text before delta")
+    delta: str
+    tokens: int = Field(ge=0, description="tokens in delta")
+    completion_tokens: int = Field(ge=0, description="tokens of this attempt so far, delta included")
+    last: bool = Field(default=False, description="this attempt's last chunk; the reply follows")
+
+
+class Cancel(_Strict):
+    """Cancel a request: on the pool's control topic with key = request_id, read by every worker of
+    the pool. Honoured only when ``tenant_id`` is the request's tenant."""
+
+    schema_: Literal["tierq.cancel/v1"] = Field(default=CANCEL_SCHEMA, alias="schema")
+    request_id: RequestId
+    tenant_id: TenantId
+    requested_at: AwareDatetime = Field(default_factory=utc_now)
+    reason: str | None = Field(default=None, max_length=500)

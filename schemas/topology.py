@@ -50,6 +50,14 @@ class DlqConfig(_Config):
     partitions: int = Field(default=1, ge=1)
 
 
+class ControlConfig(_Config):
+    """Each pool's control topic: cancel records (tierq.cancel/v1), read by every worker of the pool."""
+
+    topic_pattern: str = "tierq.{pool}.control"
+    partitions: int = Field(default=1, ge=1)
+    retention_ms: int | None = Field(default=3_600_000, ge=1)
+
+
 class AttemptsConfig(_Config):
     topic: TopicName = "tierq.attempts"
     partitions: int = Field(default=3, ge=1)
@@ -117,6 +125,7 @@ class Topology(_Config):
     replies: RepliesConfig = Field(default_factory=RepliesConfig)
     dlq: DlqConfig = Field(default_factory=DlqConfig)
     attempts: AttemptsConfig = Field(default_factory=AttemptsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     tenants: dict[TenantId, TenantConfig] = Field(default_factory=dict)
     #: device -> pool rules for `tierq workers up`, first match wins (default: the default pool)
     devices: list[DeviceRule] = Field(default_factory=list)
@@ -128,6 +137,8 @@ class Topology(_Config):
             raise ValueError(f"bands: missing band(s) {', '.join(missing)}; all of high, medium, low are required")
         if self.bands[Band.high].aging_step_s is not None:
             raise ValueError("bands.high.aging_step_s: high is the top band and cannot be promoted; use null")
+        if "{pool}" not in self.control.topic_pattern:
+            raise ValueError("control.topic_pattern: must contain '{pool}'")
         if "{tenant_id}" not in self.replies.topic_pattern:
             raise ValueError("replies.topic_pattern: must contain '{tenant_id}'")
         for tenant_id, tenant in self.tenants.items():
@@ -155,6 +166,7 @@ class Topology(_Config):
         for pool in self.pools:
             for band, topic in self.pool_topics(pool).items():
                 named.append((f"pools.{pool}.topics.{band.value}", topic))
+            named.append((f"control (pool {pool})", self.control_topic(pool)))
         for tenant_id in self.tenants:
             named.append((f"replies (tenant {tenant_id})", self.reply_topic(tenant_id)))
         named.append(("dlq.topic", self.dlq.topic))
@@ -168,6 +180,7 @@ class Topology(_Config):
         document["replies"]["topic_pattern"] = f"{prefix}.replies.{{tenant_id}}"
         document["dlq"]["topic"] = f"{prefix}.dlq"
         document["attempts"]["topic"] = f"{prefix}.attempts"
+        document["control"]["topic_pattern"] = f"{prefix}.{{pool}}.control"
         return Topology.model_validate(document)
 
     def band_topic(self, pool: str, band: Band) -> str:
@@ -176,6 +189,9 @@ class Topology(_Config):
 
     def pool_topics(self, pool: str) -> dict[Band, str]:
         return {band: self.band_topic(pool, band) for band in BAND_ORDER}
+
+    def control_topic(self, pool: str) -> str:
+        return self.control.topic_pattern.format(pool=pool)
 
     def reply_topic(self, tenant_id: str) -> str:
         return self.replies.topic_pattern.format(tenant_id=tenant_id)
@@ -186,6 +202,8 @@ class Topology(_Config):
         for pool in self.pools:
             for band, topic in self.pool_topics(pool).items():
                 specs.append(TopicSpec(topic, self.bands[band].partitions))
+            control_config = {} if self.control.retention_ms is None else {"retention.ms": str(self.control.retention_ms)}
+            specs.append(TopicSpec(self.control_topic(pool), self.control.partitions, control_config))
         reply_config = {}
         if self.replies.retention_ms is not None:
             reply_config["retention.ms"] = str(self.replies.retention_ms)

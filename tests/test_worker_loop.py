@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from schemas.codec import encode
-from schemas.messages import Band, Request, Status, utc_now
+from schemas.messages import Band, Cancel, Chunk, Request, Status, utc_now
 from schemas.topology import Topology
-from worker.engine import Completion, check_length
+from worker.engine import Completion, Progress, check_length
 from worker.poison import Attempt
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -107,12 +107,16 @@ class FakeWriter:
         self.fatal: str | None = None
         self.hold = False
         self.replies: list[Any] = []
+        self.chunks: list[Chunk] = []
         self.dead_letters: list[tuple[bytes | None, str]] = []
         self._unacked: list[Callable[[], None]] = []
 
     def reply(self, topic: str, reply: Any, on_durable: Callable[[], None] | None = None) -> None:
         self.replies.append(reply)
         self._unacked.append(on_durable or (lambda: None))
+
+    def chunk(self, topic: str, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
 
     def dead_letter(self, raw: bytes | None, source: Any, reason: str, *, key: bytes | None = None,
                     on_durable: Callable[[], None] | None = None) -> None:
@@ -161,6 +165,22 @@ class FakeGuard:
     def released(self, partitions: Any, clean: bool) -> None: ...
 
 
+class FakeControl:
+    """The pool's control topic: cancels the test queued, handed out on the next poll."""
+
+    def __init__(self) -> None:
+        self.queued: list[Cancel] = []
+
+    def start(self) -> None:
+        return None
+
+    def poll(self) -> list[Cancel]:
+        taken, self.queued = self.queued, []
+        return taken
+
+    def close(self) -> None: ...
+
+
 class GatedEngine:
     """Each generation runs until the test opens its gate, so 'running' is a state, not a time."""
 
@@ -170,6 +190,7 @@ class GatedEngine:
     def __init__(self) -> None:
         self.started: list[str] = []
         self.gates: dict[str, asyncio.Event] = {}
+        self.progress: dict[str, Progress] = {}
 
     def render(self, request: Request) -> list[int]:
         return [1] * len((request.prompt or "").split())
@@ -177,12 +198,18 @@ class GatedEngine:
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         check_length(prompt_tokens, max_tokens, self.max_model_len)
 
-    async def generate(self, request: Request, prompt_ids: list[int], priority: int) -> Completion:
+    async def generate(self, request: Request, prompt_ids: list[int], priority: int,
+                       progress: Progress | None = None) -> Completion:
         self.started.append(request.request_id)
+        self.progress[request.request_id] = progress or Progress()
         gate = self.gates.setdefault(request.request_id, asyncio.Event())
         await gate.wait()
         now = utc_now()
         return Completion("done", "length", len(prompt_ids), request.params.max_tokens, now, now)
+
+    def emit(self, request_id: str, text: str) -> None:
+        """One token of text made by a running generation."""
+        self.progress[request_id].add(text, 1)
 
     def finish(self, request_id: str) -> None:
         self.gates.setdefault(request_id, asyncio.Event()).set()
@@ -222,8 +249,9 @@ class Harness:
         self.intake, self.writer, self.engine = FakeIntake(), FakeWriter(), GatedEngine()
         settings = WorkerSettings(_env_file=None, bootstrap_servers="fake:9092", max_num_seqs=slots, engine_queue=0,
                                   worker_id="test/loop", pool="default")
+        self.control = FakeControl()
         self.worker = Worker(settings, topo, self.engine, intake=self.intake, writer=self.writer,  # type: ignore[arg-type]
-                             guard=FakeGuard())  # type: ignore[arg-type]
+                             guard=FakeGuard(), control=self.control)  # type: ignore[arg-type]
         self.task: asyncio.Task[int] | None = None
 
     async def __aenter__(self) -> Harness:
@@ -249,6 +277,13 @@ class Harness:
         offset = self.intake.publish(band, value)
         self.worker._wake.set()
         return offset
+
+    def cancel(self, value: bytes, tenant: str = "acme") -> None:
+        self.control.queued.append(Cancel(request_id=rid(value), tenant_id=tenant))
+        self.worker._wake.set()
+
+    def reply_for(self, value: bytes) -> Any:
+        return next((r for r in self.writer.replies if r.request_id == rid(value)), None)
 
 
 @pytest.fixture
@@ -361,3 +396,61 @@ async def test_a_revoked_partition_frees_its_slots_even_for_work_not_yet_started
         h.publish(Band.high, high)
         await h.until(lambda: rid(high) in h.engine.started)
         assert not h.engine.started[:-1] and not h.writer.replies  # the lows go back to Kafka unanswered
+
+
+async def test_a_queued_request_cancelled_is_answered_without_the_engine_and_committed(base):
+    async with Harness(topology(base), slots=1) as h:
+        blocker, queued = request("high"), request("low")
+        h.publish(Band.high, blocker)
+        await h.until(lambda: h.engine.started)
+        h.publish(Band.low, queued)
+        await h.until(lambda: h.worker.policy.waiting_by_band()[Band.low] == 1, "the low waits")
+        h.cancel(queued)
+        await h.until(lambda: h.reply_for(queued) is not None, "the cancelled reply")
+        reply = h.reply_for(queued)
+        assert reply.status is Status.cancelled and reply.error.code.value == "cancelled"
+        assert reply.usage.completion_tokens == 0 and rid(queued) not in h.engine.started
+        await h.until(lambda: h.intake.committed.get(("p.low", 0)) == 1, "its offset committed")
+
+
+async def test_a_running_request_cancelled_reports_its_usage_and_frees_its_slot_at_once(base):
+    async with Harness(topology(base), slots=1) as h:
+        running, nxt = request("low", stream=True), request("low")
+        h.publish(Band.low, running)
+        h.publish(Band.low, nxt)
+        await h.until(lambda: h.engine.started == [rid(running)])
+        h.engine.emit(rid(running), "Hello")
+        h.engine.emit(rid(running), " world")
+        h.cancel(running)
+        await h.until(lambda: rid(nxt) in h.engine.started, "the next request takes the slot")
+        reply = h.reply_for(running)
+        assert reply.status is Status.cancelled and reply.usage.completion_tokens == 2 and reply.text == "Hello world"
+        assert [c.delta for c in h.writer.chunks] == ["Hello", " world"] and h.writer.chunks[-1].last
+
+
+async def test_another_tenants_cancel_is_refused_and_an_early_cancel_waits_for_its_request(base):
+    async with Harness(topology(base), slots=1) as h:
+        mine = request("low")
+        h.publish(Band.low, mine)
+        await h.until(lambda: h.engine.started == [rid(mine)])
+        h.cancel(mine, tenant="globex")
+        early = request("low")
+        h.cancel(early)  # before the request exists
+        await h.until(lambda: len(h.worker.cancels) == 1, "the early cancel is remembered")
+        h.engine.finish(rid(mine))
+        await h.until(lambda: h.reply_for(mine) is not None)
+        assert h.reply_for(mine).status is Status.ok
+        h.publish(Band.low, early)
+        await h.until(lambda: h.reply_for(early) is not None)
+        assert h.reply_for(early).status is Status.cancelled and rid(early) not in h.engine.started
+
+
+async def test_a_revocation_does_not_answer_a_streamed_request(base):
+    async with Harness(topology(base), slots=1) as h:
+        streamed = request("low", stream=True)
+        h.publish(Band.low, streamed)
+        await h.until(lambda: h.engine.started == [rid(streamed)])
+        h.engine.emit(rid(streamed), "Hi")
+        h.intake.revoke([("p.low", 0)])
+        await h.until(lambda: h.worker.policy.in_flight == 0, "slot freed")
+        assert h.reply_for(streamed) is None and [c.delta for c in h.writer.chunks] == ["Hi"]

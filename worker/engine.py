@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from schemas.messages import ErrorCode, Request, utc_now
+from schemas.messages import Choice, ErrorCode, Request, ResponseFormat, TokenLogprob, TopLogprob, utc_now
 
 
 class EngineStartError(RuntimeError):
@@ -71,6 +72,106 @@ class Completion:
     first_token_at: datetime | None
     finished_at: datetime
     simulated: bool = False  # True when made by worker.simulated.SimulatedEngine (no model ran)
+    choices: tuple[Choice, ...] = ()  # every output, when the request asked for n > 1 or logprobs
+
+
+#: A log probability JSON can carry (it has no -inf).
+LOWEST_LOGPROB = -9999.0
+
+
+class Outputs:
+    """A request's ``n`` outputs as vLLM streams them: deltas, each tagged with its output's index."""
+
+    def __init__(self, n: int = 1, logprobs: int | None = None):
+        self._texts: list[list[str]] = [[] for _ in range(n)]
+        self._tokens = [0] * n
+        self._finish: list[str | None] = [None] * n
+        self._top = logprobs
+        self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+
+    def add(self, delta: Any) -> None:
+        """One ``CompletionOutput`` delta."""
+        i = delta.index
+        self._texts[i].append(delta.text)
+        self._tokens[i] += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self._finish[i] = delta.finish_reason
+        if self._top is not None and delta.logprobs:
+            self._logprobs[i] += token_logprobs(delta.token_ids, delta.logprobs, self._top)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._tokens)
+
+    def finish_reason(self, index: int = 0) -> str | None:
+        return self._finish[index]
+
+    def choices(self) -> tuple[Choice, ...]:
+        """Every output, or none when one output without logprobs was asked for (the reply's text says it all)."""
+        if len(self._texts) == 1 and self._top is None:
+            return ()
+        return tuple(Choice(index=i, text="".join(self._texts[i]), finish_reason=self._finish[i],
+                            completion_tokens=self._tokens[i],
+                            logprobs=self._logprobs[i] if self._top is not None else None)
+                     for i in range(len(self._texts)))
+
+
+def token_logprobs(token_ids: Any, positions: Any, top: int) -> list[TokenLogprob]:
+    """vLLM's per-position ``{token_id: Logprob}`` as OpenAI's objects: the chosen token's log
+    probability and the ``top`` most likely tokens (vLLM adds the chosen one even when it ranks lower)."""
+    result = []
+    for token_id, candidates in zip(token_ids, positions):
+        ranked = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= top),
+                        key=lambda c: c.rank)[:top]
+        chosen = candidates.get(token_id)
+        text = (chosen.decoded_token if chosen is not None else None) or ""
+        result.append(TokenLogprob(
+            token=text, logprob=_finite(chosen.logprob if chosen is not None else None),
+            bytes=list(text.encode("utf-8")),
+            top_logprobs=[TopLogprob(token=c.decoded_token or "", logprob=_finite(c.logprob),
+                                     bytes=list((c.decoded_token or "").encode("utf-8"))) for c in ranked],
+        ))
+    return result
+
+
+def _finite(logprob: float | None) -> float:
+    return LOWEST_LOGPROB if logprob is None or logprob != logprob else max(float(logprob), LOWEST_LOGPROB)
+
+
+def structured_outputs(response_format: ResponseFormat | None) -> Any:
+    """vLLM's ``StructuredOutputsParams`` for a ``response_format`` (None: free text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if response_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    assert response_format.json_schema is not None
+    return StructuredOutputsParams(json=dict(response_format.json_schema.schema_))
+
+
+class Progress:
+    """What a generation has made so far, kept up to date by the engine as tokens arrive: a streamed
+    request's chunks are cut from ``on_delta`` calls, and a cancelled one still reports its usage."""
+
+    def __init__(self, on_delta: Callable[[str, int], None] | None = None):
+        self.pieces: list[str] = []
+        self.completion_tokens = 0
+        self.first_token_at: datetime | None = None
+        self._on_delta = on_delta
+
+    def add(self, text: str, tokens: int) -> None:
+        if tokens and self.first_token_at is None:
+            self.first_token_at = utc_now()
+        self.completion_tokens += tokens
+        if text:
+            self.pieces.append(text)
+        if self._on_delta is not None and (text or tokens):
+            self._on_delta(text, tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class EngineAdapter(Protocol):
@@ -82,8 +183,10 @@ class EngineAdapter(Protocol):
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None: ...
 
-    async def generate(self, request: Request, prompt_ids: list[int], priority: int) -> Completion:
-        """One completion; cancelling the awaiting task aborts it and frees its slot."""
+    async def generate(self, request: Request, prompt_ids: list[int], priority: int,
+                       progress: Progress | None = None) -> Completion:
+        """One completion; cancelling the awaiting task aborts it and frees its slot. ``progress``
+        sees each new piece of text as it is made."""
         ...
 
     @property
@@ -160,32 +263,29 @@ class Engine:
         try:
             return SamplingParams(
                 max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, stop=p.stop or None,
-                seed=p.seed, output_kind=RequestOutputKind.DELTA,
+                seed=p.seed, output_kind=RequestOutputKind.DELTA, n=p.n, logprobs=p.logprobs,
+                structured_outputs=structured_outputs(p.response_format),
             )
         except (ValueError, TypeError) as exc:
             raise RequestRejected(ErrorCode.invalid_request, f"params: {exc}") from None
 
-    async def generate(self, request: Request, prompt_ids: list[int], priority: int) -> Completion:
+    async def generate(self, request: Request, prompt_ids: list[int], priority: int,
+                       progress: Progress | None = None) -> Completion:
         """Generate one completion; cancelling the awaiting task aborts it in the engine."""
         params = self.sampling_params(request)
         prompt = {"prompt_token_ids": prompt_ids, "cache_salt": request.tenant_id}
-        pieces: list[str] = []
-        first_token_at = None
-        completion_tokens = 0
-        finish_reason = None
+        made = progress if progress is not None else Progress()
+        outputs = Outputs(request.params.n, request.params.logprobs)
         try:
             async for output in self._llm.generate(prompt, params, request_id=request.request_id, priority=priority):
-                delta = output.outputs[0]
-                if delta.token_ids and first_token_at is None:
-                    first_token_at = utc_now()
-                completion_tokens += len(delta.token_ids)
-                pieces.append(delta.text)
-                if output.finished:
-                    finish_reason = delta.finish_reason
+                for delta in output.outputs:  # with n > 1, a delta of each output that advanced
+                    outputs.add(delta)
+                    if delta.index == 0:  # a streamed request streams its first output
+                        made.add(delta.text, len(delta.token_ids))
         except Exception as exc:
             raise self._classify(exc) from exc
-        return Completion("".join(pieces), finish_reason, len(prompt_ids), completion_tokens, first_token_at,
-                          utc_now())
+        return Completion(made.text, outputs.finish_reason(0), len(prompt_ids), outputs.completion_tokens,
+                          made.first_token_at, utc_now(), choices=outputs.choices())
 
     @staticmethod
     def _classify(exc: Exception) -> Exception:

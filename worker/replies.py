@@ -16,7 +16,7 @@ import confluent_kafka
 import structlog
 
 from schemas.codec import dumps, encode
-from schemas.messages import Reply, utc_now
+from schemas.messages import CHUNK_SCHEMA, REPLY_SCHEMA, Chunk, Reply, utc_now
 from schemas.settings import Settings
 
 log = structlog.get_logger("tierq.replies")
@@ -57,7 +57,14 @@ class ReplyWriter:
 
     def reply(self, topic: str, reply: Reply, on_durable: Callable[[], None] | None = None) -> None:
         self._send(topic, reply.request_id.encode(), encode(reply), on_durable,
-                   headers=[("request_id", reply.request_id.encode()), ("status", reply.status.value.encode())])
+                   headers=[("request_id", reply.request_id.encode()), ("status", reply.status.value.encode()),
+                            ("schema", REPLY_SCHEMA.encode())])
+
+    def chunk(self, topic: str, chunk: Chunk) -> None:
+        """A streamed request's chunk: same topic and key as its reply, so it is read before it.
+        Nothing waits on its acknowledgement (the reply carries the whole text)."""
+        self._send(topic, chunk.request_id.encode(), encode(chunk), None,
+                   headers=[("request_id", chunk.request_id.encode()), ("schema", CHUNK_SCHEMA.encode())])
 
     def dead_letter(self, raw: bytes | None, source: tuple[str, int, int], reason: str, *,
                     key: bytes | None = None, on_durable: Callable[[], None] | None = None) -> None:

@@ -244,8 +244,9 @@ class Worker:
             deadline = request.deadline.timestamp() if request.deadline else float("inf")
             self.policy.add(Pending(
                 request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
-                cost=len(verdict.prompt_ids) + request.params.max_tokens, deadline_ts=deadline,
+                cost=len(verdict.prompt_ids) + request.params.max_tokens * request.params.n, deadline_ts=deadline,
                 payload=Buffered(request, verdict.prompt_ids, tp, offset, done, received_at),
+                slots=request.params.n,
             ))
         elif isinstance(verdict, Answer):
             log.info("request_rejected", request_id=verdict.request_id, tenant=verdict.tenant_id,

@@ -62,6 +62,10 @@ class WorkerSettings(Settings):
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     aging: bool = Field(default=True, description="promote waiting requests by aging (false: strict priority only)")
+    cancel_memory_s: float = Field(default=300.0, gt=0, description=(
+        "how long a cancel for a request this worker does not hold is kept (it may arrive later), "
+        "and how far back the control topic is read at start"))
+    cancel_memory_limit: int = Field(default=100_000, ge=1, description="cancels kept at most (oldest dropped)")
 
     @property
     def prefetch(self) -> int:

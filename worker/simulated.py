@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from schemas.messages import Request, utc_now
-from worker.engine import Completion, EngineDead, check_length
+from schemas.messages import Choice, Request, utc_now
+from worker.engine import Completion, EngineDead, Progress, check_length
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -104,6 +104,7 @@ class _Seq:
     prompt_tokens: int
     max_tokens: int
     future: asyncio.Future[None]
+    progress: Progress | None = None
     generated: int = 0
     first_token_at: datetime | None = None
     finished_at: datetime | None = None
@@ -161,12 +162,14 @@ class SimulatedEngine:
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         check_length(prompt_tokens, max_tokens, self.max_model_len)
 
-    async def generate(self, request: Request, prompt_ids: list[int], priority: int) -> Completion:
-        """Queue the sequence, wait for its last token; cancelling the awaiting task removes it at once."""
+    async def generate(self, request: Request, prompt_ids: list[int], priority: int,
+                       progress: Progress | None = None) -> Completion:
+        """Queue the sequence, wait for its last token; cancelling the awaiting task removes it at once.
+        ``progress`` gets each token's filler as the step that made it ends."""
         if self._shut:
             raise EngineDead("the simulated engine was shut down")
         seq = _Seq(request.request_id, priority, next(self._arrivals), len(prompt_ids), request.params.max_tokens,
-                   asyncio.get_running_loop().create_future())
+                   asyncio.get_running_loop().create_future(), progress)
         heapq.heappush(self._waiting, seq)
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive(), name="tierq-simulated-engine")
@@ -176,8 +179,7 @@ class SimulatedEngine:
             self._remove(seq)
             raise
         assert seq.finished_at is not None
-        return Completion(FILLER * seq.generated, "length", seq.prompt_tokens, seq.generated, seq.first_token_at,
-                          seq.finished_at, simulated=True)
+        return _completion(request, seq)
 
     @property
     def dead(self) -> bool:
@@ -258,6 +260,8 @@ class SimulatedEngine:
                 continue
             seq.generated += 1
             self.tokens_generated += 1
+            if seq.progress is not None:
+                seq.progress.add(FILLER, 1)
             if seq.first_token_at is None:
                 seq.first_token_at = now
             if seq.generated >= seq.max_tokens:
@@ -266,6 +270,16 @@ class SimulatedEngine:
                 seq.future.set_result(None)
         self._running = [seq for seq in self._running if not seq.future.done()]
         return finished
+
+
+def _completion(request: Request, seq: _Seq) -> Completion:
+    """Filler text, ``n`` identical outputs (the model runs one sequence for them all) and no
+    logprobs: nothing in a simulated reply (``simulated: true``) came from a model."""
+    text, n = FILLER * seq.generated, request.params.n
+    choices = tuple(Choice(index=i, text=text, finish_reason="length", completion_tokens=seq.generated)
+                    for i in range(n)) if n > 1 else ()
+    return Completion(text, "length", seq.prompt_tokens, seq.generated * n, seq.first_token_at, seq.finished_at,
+                      simulated=True, choices=choices)
 
 
 def _approx_tokens(text: str) -> int:
