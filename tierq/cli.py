@@ -100,7 +100,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tierq.demo import run_demo
     from worker.cli import worker_settings
 
-    return run_demo(worker_settings(args), low=args.low, medium=args.medium, high=args.high, out=args.out)
+    return run_demo(worker_settings(args), low=args.low, medium=args.medium, high=args.high, out=args.out,
+                    verbose=args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--medium", type=int, default=50)
     demo.add_argument("--high", type=int, default=20)
     demo.add_argument("--out", type=Path, help="also write the replies as JSONL")
+    demo.add_argument("--verbose", action="store_true",
+                      help="show vLLM's, the broker's and the worker's logs here (default: <state dir>/demo.log)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -116,7 +116,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     try:
         path = prepare_smollm2(target, force=args.force, check=not args.no_check, say=say)
     except PrepareError as exc:
-        print(f"tierq model: error: {exc.step} failed: {exc.message}", file=sys.stderr)
+        print(f"tierq model: error ({exc.step}): {exc.message}", file=sys.stderr)
         print("tierq model: workers without TIERQ_MODEL serve the tiny random test model until this succeeds",
               file=sys.stderr)
         return 1
