@@ -80,6 +80,22 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from producer.client import DeliveryError, Producer
+    from schemas.codec import MessageError
+
+    settings = settings_from_args(args)
+    try:
+        with Producer(settings, settings.load_topology(), on_quota="off", routing=False) as producer:
+            producer.cancel(args.request_id, args.tenant, reason=args.reason).result(timeout=30)
+    except (MessageError, DeliveryError, TimeoutError) as exc:
+        print(f"tierq: cancel not published: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"tierq: cancel of {args.request_id} published; its reply (status cancelled) follows unless it "
+          "had finished or is not this tenant's", file=sys.stderr)
+    return EXIT_OK
+
+
 def _tenant_config(args: argparse.Namespace) -> Any:
     from schemas.topology import Quotas, TenantConfig
 
@@ -158,6 +174,13 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     results.add_argument("--expect", type=int, help="stop after N distinct replies")
     results.add_argument("--timeout", type=float, help="give up after S seconds")
     results.set_defaults(func=cmd_results)
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a request (queued: never started; "
+                                 "running: aborted); answered with status cancelled")
+    cancel.add_argument("request_id")
+    cancel.add_argument("--tenant", required=True, help="the request's tenant (another tenant's cancel is refused)")
+    cancel.add_argument("--reason", help="recorded in the cancel record")
+    cancel.set_defaults(func=cmd_cancel)
 
     tenant = commands.add_parser("tenant", help="tenants and API keys").add_subparsers(dest="action", required=True)
     add = tenant.add_parser("add", parents=[common], help="add a tenant to the tenants file and print its API key once")

@@ -17,8 +17,10 @@ import confluent_kafka
 from producer.quota import QuotaExceeded, QuotaLimiter
 from producer.routing import LaneRouter, backlog_reader_source
 
-from schemas.codec import InvalidMessage, MessageError, encode, validate_request
-from schemas.messages import ErrorCode, Request, utc_now
+from pydantic import ValidationError
+
+from schemas.codec import InvalidMessage, MessageError, describe_validation_error, encode, validate_request
+from schemas.messages import CANCEL_SCHEMA, Cancel, ErrorCode, Request, utc_now
 from schemas.settings import Settings
 from schemas.topology import TenantConfig, Topology
 
@@ -259,6 +261,25 @@ class Producer:
         return self.publish(self.prepare(document))
 
     def _produce(self, topic: str, **kwargs: Any) -> None:
+    def cancel(self, request_id: str, tenant_id: str, *, reason: str | None = None) -> DeliveryFuture:
+        """Ask the workers of the tenant's pool to cancel one of its requests: a ``tierq.cancel/v1``
+        record on the pool's control topic. Workers honour it only for the tenant's own request: a
+        queued one is never started, a running one is aborted; both are answered ``cancelled``. A
+        cancel for an id no worker holds is kept by each worker for a while (it may arrive later)."""
+        tenant = self.topology.tenants.get(tenant_id)
+        if tenant is None:
+            raise MessageError(f"unknown tenant {tenant_id!r}", code=ErrorCode.unknown_tenant)
+        try:
+            cancel = Cancel(request_id=request_id, tenant_id=tenant_id, reason=reason)
+        except ValidationError as exc:
+            raise InvalidMessage(describe_validation_error(exc)) from None
+        future = DeliveryFuture(request_id, self)
+        self._produce(self.topology.control_topic(tenant.pool), key=request_id.encode(), value=encode(cancel),
+                      headers=[("request_id", request_id.encode()), ("tenant_id", tenant_id.encode()),
+                               ("schema", CANCEL_SCHEMA.encode())],
+                      on_delivery=future._resolve)
+        return future
+
         while True:
             try:
                 self._producer.produce(topic, **kwargs)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import confluent_kafka
 from confluent_kafka import TopicPartition
 
-from schemas.codec import MessageError, decode_reply
-from schemas.messages import Reply
+from schemas.codec import MessageError, decode_reply_topic_record
+from schemas.messages import Chunk, Reply
 from schemas.settings import Settings
 from schemas.topology import Topology, TopologyError
 
@@ -26,6 +26,7 @@ from schemas.topology import Topology, TopologyError
 class CollectStats:
     replies: int = 0
     duplicates: int = 0
+    chunks: int = 0  # chunks of streamed requests, skipped (the reply has the whole text)
     undecodable: list[str] = field(default_factory=list)
 
 
@@ -98,9 +99,12 @@ class ResultCollector:
 
     def _decode(self, msg: confluent_kafka.Message) -> Reply | None:
         try:
-            reply = decode_reply(msg.value())
+            reply = decode_reply_topic_record(msg.value() or b"", msg.headers())
         except MessageError as exc:
             self.stats.undecodable.append(f"{msg.topic()}[{msg.partition()}]@{msg.offset()}: {exc.message}")
+            return None
+        if isinstance(reply, Chunk):
+            self.stats.chunks += 1
             return None
         if reply.request_id in self._seen:
             self.stats.duplicates += 1

@@ -28,9 +28,10 @@ from producer.gateway.batches import BatchError, BatchService
 from producer.gateway.bridge import KafkaBridge
 from producer.gateway.openai_api import ApiError, api_error_for, completion_body, reply_error, stream_chunks
 from producer.gateway.settings import GatewaySettings
+from producer.gateway.streaming import ChunkFormat, StreamDiverged, TextStream, error_event
 from producer.quota import QuotaExceeded
 from schemas.codec import MessageError
-from schemas.messages import Band, ErrorCode, utc_now
+from schemas.messages import Band, Chunk, ErrorCode, Reply, Request as TierqRequest, utc_now
 from schemas.tenants import ApiKeys, TenantsReloader
 from schemas.topology import Topology
 
@@ -58,6 +59,20 @@ class Gateway:
         self.reloader = TenantsReloader(settings.topics_file, settings.tenants_file,
                                         on_error=lambda p: log.error("tenants_reload_failed", problem=p))
         self._reload_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def cancel_in_background(self, request_id: str, tenant_id: str, reason: str) -> None:
+        """Cancel a request nobody waits for any more (the client hung up): no GPU time for it."""
+        async def cancel() -> None:
+            try:
+                await self.bridge.cancel(request_id, tenant_id, reason)
+                log.info("request_cancelled", request_id=request_id, tenant=tenant_id, reason=reason)
+            except (DeliveryError, MessageError) as exc:
+                log.warning("cancel_not_published", request_id=request_id, tenant=tenant_id, error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def start(self) -> None:
         await asyncio.to_thread(create_topics, self.settings, self.topology)
@@ -174,6 +189,28 @@ def create_app(settings: GatewaySettings, topology: Topology) -> FastAPI:
         return {"request_id": request_id, "status": state,
                 "reply": None if reply is None else reply.model_dump(mode="json", by_alias=True)}
 
+    @app.post("/v1/requests/{request_id}/cancel")
+    async def cancel_request(request_id: str, request: Request) -> JSONResponse:
+        """Cancel one of the tenant's requests: queued, never started; running, aborted; either way
+        its reply says ``cancelled``. Another tenant's request is not found (404); an id this gateway
+        does not know is passed on to the workers, which honour it only for this tenant's request."""
+        tenant_id = gateway.authenticate(request)
+        known = gateway.bridge.owner(request_id)
+        if known is not None and known != tenant_id:
+            raise ApiError(404, "not_found", f"no request {request_id!r} for this API key")
+        found = gateway.bridge.lookup(tenant_id, request_id)
+        if found is not None and found[0] == "done":
+            return JSONResponse({"id": request_id, "object": "request.cancel", "status": "already_finished"})
+        try:
+            await gateway.bridge.cancel(request_id, tenant_id, "cancelled through the API")
+        except MessageError as exc:
+            raise api_error_for(exc.code, exc.message) from None
+        except DeliveryError as exc:
+            raise ApiError(503, "broker_unavailable", f"the cancel was not accepted by Kafka: {exc}",
+                           headers={"Retry-After": "5"}) from None
+        return JSONResponse({"id": request_id, "object": "request.cancel", "status": "cancel_requested"},
+                            status_code=202)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         tenant_id = gateway.authenticate(request)
@@ -255,13 +292,84 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+class ClientGone(Exception):
+    """The HTTP client hung up before its answer was ready."""
+
+
+async def _unless_hung_up(gateway: Gateway, request: Request, prepared: TierqRequest, waiting: Any) -> Any:
+    """Await ``waiting`` (the reply, or a stream's first record) unless the client hangs up first:
+    then the request is cancelled (nobody will read its answer) and ``ClientGone`` raised."""
+    hang_up = asyncio.ensure_future(request.receive())  # the body was read: the next message is a disconnect
+    work = asyncio.ensure_future(waiting)
+    try:
+        await asyncio.wait({hang_up, work}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    gateway.cancel_in_background(prepared.request_id, prepared.tenant_id, "client disconnected")
+    raise ClientGone()
+
+
+async def _next_record(stream: asyncio.Queue[Chunk | Reply], timeout: float) -> Chunk | Reply | None:
+    try:
+        return await asyncio.wait_for(stream.get(), max(timeout, 0.0))
+    except asyncio.TimeoutError:
+        return None
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _stream_events(gateway: Gateway, prepared: TierqRequest, stream: asyncio.Queue[Chunk | Reply],
+                         first: Chunk | Reply, fmt: ChunkFormat, deadline: float) -> AsyncIterator[bytes]:
+    """Deltas as chunks arrive, then the reply's finish reason (and usage). Ending early (the client
+    hung up, the deadline passed, the text diverged) cancels the request."""
+    text, record, answered = TextStream(), first, False
+    try:
+        while True:
+            try:
+                new = text.chunk(record) if isinstance(record, Chunk) else text.reply(record)
+            except StreamDiverged as exc:
+                yield _sse(error_event("stream_diverged", f"{exc}; retry the request"))
+                return
+            if new:
+                yield _sse(fmt.text(new))
+            if isinstance(record, Reply):
+                answered = True
+                problem = reply_error(record)
+                if problem is not None:
+                    yield _sse(error_event(problem.code, problem.message))
+                    return
+                for chunk in fmt.finish(record):
+                    yield _sse(chunk)
+                yield b"data: [DONE]\n\n"
+                return
+            next_record = await _next_record(stream, deadline - time.monotonic())
+            if next_record is None:
+                yield _sse(error_event(ErrorCode.deadline_exceeded.value, "no reply before the request's deadline"))
+                return
+            record = next_record
+    finally:
+        gateway.bridge.close_stream(prepared.request_id)
+        if not answered:
+            gateway.cancel_in_background(prepared.request_id, prepared.tenant_id, "stream ended early")
+
+
 async def _complete(gateway: Gateway, request: Request, url: str, tenant_id: str) -> Response:
     body = await _json_body(request)
     timeout = gateway.timeout_for(request)
+    started = time.monotonic()
     try:
         doc = from_openai_body(url, body, extra_fields=HTTP_EXTRA_FIELDS)
     except MessageError as exc:
         raise ApiError(400, exc.code.value, exc.message) from None
+    # tokens stream through Kafka for one output without logprobs; otherwise the reply is sent whole
+    streamed = bool(body.get("stream")) and doc["params"].get("n", 1) == 1 and not doc["params"].get("logprobs")
+    if streamed:
+        doc["stream"] = True
     header_priority = request.headers.get("x-priority")
     asked = header_priority or doc.get("priority") or gateway.default_priority(tenant_id).value
     now = utc_now()
@@ -275,31 +383,50 @@ async def _complete(gateway: Gateway, request: Request, url: str, tenant_id: str
     headers = {"X-Tierq-Request-Id": prepared.request_id, "X-Tierq-Priority": prepared.priority.value}
     if prepared.priority.value != asked:
         headers["X-Tierq-Priority-Lowered"] = f"{asked}->{prepared.priority.value}"
+    stream = gateway.bridge.open_stream(prepared.request_id) if streamed else None
     try:
         await gateway.bridge.publish(prepared)
     except MessageError as exc:  # e.g. over the message size limit
+        gateway.bridge.close_stream(prepared.request_id)
         raise api_error_for(exc.code, exc.message) from None
     except DeliveryError as exc:
+        gateway.bridge.close_stream(prepared.request_id)
         raise ApiError(503, "broker_unavailable", f"the request was not accepted by Kafka: {exc}",
                        headers={"Retry-After": "5"}) from None
     remaining = (prepared.deadline - utc_now()).total_seconds() if prepared.deadline else timeout
-    reply = await gateway.bridge.wait_reply(prepared.request_id, max(remaining, 0.0))
-    if reply is None:
+    try:
+        if stream is not None:
+            first = await _unless_hung_up(gateway, request, prepared, _next_record(stream, remaining))
+        else:
+            first = await _unless_hung_up(gateway, request, prepared,
+                                          gateway.bridge.wait_reply(prepared.request_id, max(remaining, 0.0)))
+    except ClientGone:
+        gateway.bridge.close_stream(prepared.request_id)
+        return Response(status_code=499)
+    if first is None:
+        gateway.bridge.close_stream(prepared.request_id)
         raise ApiError(504, ErrorCode.deadline_exceeded.value,
                        f"no reply within {timeout:g}s; it may still complete: GET /v1/requests/{prepared.request_id}",
                        headers=headers)
-    problem = reply_error(reply)
+    problem = reply_error(first) if isinstance(first, Reply) else None
     if problem is not None:
+        gateway.bridge.close_stream(prepared.request_id)
         problem.headers.update(headers)
         raise problem
     chat = url == "/v1/chat/completions"
     model = str(body.get("model") or gateway.settings.gateway_model_name)
+    if stream is not None:
+        options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        fmt = ChunkFormat(prepared.request_id, chat, model, include_usage=bool(options.get("include_usage")))
+        return StreamingResponse(_stream_events(gateway, prepared, stream, first, fmt, started + timeout),
+                                 media_type="text/event-stream", headers=headers)
+    reply = first
     if body.get("stream"):
         chunks = stream_chunks(reply, chat, model)
 
         async def events() -> AsyncIterator[bytes]:
             for chunk in chunks:
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                yield _sse(chunk)
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -156,8 +156,29 @@ class BatchService:
             batch["status"] = "cancelling"
             batch["cancelling_at"] = int(time.time())
             self._save(batch)
+            self._cancel_unfinished(batch)
             self._maybe_finish(batch)
         return public(batch)
+
+    def _cancel_unfinished(self, batch: dict[str, Any]) -> None:
+        """A cancel record for every published line without a result: workers answer them
+        ``cancelled`` (queued ones never start, running ones stop), which finishes the batch."""
+        results = self.results[batch["id"]]
+        for line in list(batch["_custom_ids"]):
+            if int(line) not in results:
+                task = asyncio.get_running_loop().create_task(self._cancel_line(batch, int(line)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_line(self, batch: dict[str, Any], line: int) -> None:
+        request_id = request_id_for(batch["id"], line)
+        while True:
+            try:
+                await self.bridge.cancel(request_id, batch["_owner"], f"batch {batch['id']} cancelled")
+                return
+            except DeliveryError as exc:  # broker unreachable: the line would run to the end; try again
+                log.warning("batch_cancel_retry", batch=batch["id"], line=line, error=str(exc))
+                await asyncio.sleep(1.0)
 
     async def _publish(self, batch_id: str) -> None:
         batch = self.batches[batch_id]

@@ -26,8 +26,8 @@ import structlog
 from confluent_kafka import TopicPartition
 
 from producer.client import DeliveryError, DeliveryFuture, Producer
-from schemas.codec import MessageError, decode_reply
-from schemas.messages import Reply, Request
+from schemas.codec import MessageError, decode_reply_topic_record
+from schemas.messages import CHUNK_SCHEMA, Chunk, Reply, Request
 from schemas.topology import Topology
 
 log = structlog.get_logger("tierq.gateway")
@@ -39,7 +39,9 @@ PUBLISH_TIMEOUT_MS = 30_000
 class ReplyListener(threading.Thread):
     """Reads reply topics in its own thread and passes each decoded reply to ``on_reply``."""
 
-    def __init__(self, settings: Any, topics: list[str], on_reply: Callable[[Reply], None], from_beginning: bool):
+    def __init__(self, settings: Any, topics: list[str], on_reply: Callable[[Reply], None], from_beginning: bool,
+                 on_chunk: Callable[[Chunk], None] | None = None,
+                 wants_chunks: Callable[[bytes | None], bool] = lambda _request_id: False):
         super().__init__(name="tierq-reply-listener", daemon=True)
         self._consumer = confluent_kafka.Consumer(settings.librdkafka("gateway-replies", **{
             "group.id": f"tierq-gateway-{uuid.uuid4().hex}",  # required by librdkafka; never joined or committed
@@ -50,6 +52,8 @@ class ReplyListener(threading.Thread):
         }))
         self._start_offset = confluent_kafka.OFFSET_BEGINNING if from_beginning else confluent_kafka.OFFSET_END
         self._on_reply = on_reply
+        self._on_chunk = on_chunk
+        self._wants_chunks = wants_chunks  # by the request_id header: chunks nobody streams are not decoded
         self._requests: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._requests.put(topics)
         self._assigned: set[str] = set()
@@ -88,13 +92,21 @@ class ReplyListener(threading.Thread):
                     else:
                         log.warning("reply_consumer_error", error=error.str())
                     continue
+                headers = msg.headers() or []
+                if (b"schema", CHUNK_SCHEMA.encode()) in headers or ("schema", CHUNK_SCHEMA.encode()) in headers:
+                    request_id = next((v for k, v in headers if k == "request_id"), None)
+                    if self._on_chunk is None or not self._wants_chunks(request_id):
+                        continue
                 try:
-                    reply = decode_reply(msg.value() or b"")
+                    record = decode_reply_topic_record(msg.value() or b"", headers)
                 except MessageError as exc:
                     log.warning("undecodable_reply", topic=msg.topic(), partition=msg.partition(),
                                 offset=msg.offset(), error=exc.message)
                     continue
-                self._on_reply(reply)
+                if isinstance(record, Reply):
+                    self._on_reply(record)
+                elif self._on_chunk is not None:
+                    self._on_chunk(record)
         except Exception as exc:  # the gateway reports not-ready instead of hanging requests
             self.error = f"reply consumer failed: {exc}"
             log.error("reply_consumer_failed", error=str(exc))
@@ -144,6 +156,9 @@ class KafkaBridge:
         self.results: OrderedDict[str, Reply] = OrderedDict()
         self.submitted: OrderedDict[str, str] = OrderedDict()  # request_id -> tenant, awaiting a reply
         self._waiters: dict[str, list[asyncio.Future[Reply]]] = {}
+        #: streamed requests of this gateway: their chunks and then their reply, in order
+        self._streams: dict[str, asyncio.Queue[Chunk | Reply]] = {}
+        self._streamed_ids: set[bytes] = set()  # the same ids, read by the listener thread
         self.reply_hooks: list[Callable[[Reply], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: ReplyListener | None = None
@@ -155,7 +170,9 @@ class KafkaBridge:
         self._loop = asyncio.get_running_loop()
         topics = [self.topology.reply_topic(t) for t in self.topology.tenants]
         self._listener = ReplyListener(self.settings, topics, self._from_listener,
-                                       from_beginning=self.settings.gateway_replay == "beginning")
+                                       from_beginning=self.settings.gateway_replay == "beginning",
+                                       on_chunk=self._chunk_from_listener,
+                                       wants_chunks=lambda request_id: request_id in self._streamed_ids)
         self._listener.start()
         self._poller = self._loop.create_task(self._poll_producer())
 
@@ -203,6 +220,32 @@ class KafkaBridge:
 
     async def publish(self, request: Request) -> None:
         """Publish and wait until the broker acknowledges it (raises ``DeliveryError``)."""
+        future = self.producer.publish(request)  # raises MessageError for an oversized request
+        self.submitted[request.request_id] = request.tenant_id
+        while len(self.submitted) > self.settings.gateway_results_cache:
+            self.submitted.popitem(last=False)
+        try:
+            await self._acknowledged(future)
+        except DeliveryError:
+            self.submitted.pop(request.request_id, None)
+            raise
+
+    async def cancel(self, request_id: str, tenant_id: str, reason: str) -> None:
+        """Publish a cancel record for the tenant's request and wait for the broker's acknowledgement."""
+        await self._acknowledged(self.producer.cancel(request_id, tenant_id, reason=reason))
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[Chunk | Reply]:
+        """Start collecting a request's chunks and reply; call before publishing it."""
+        stream: asyncio.Queue[Chunk | Reply] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._streamed_ids.add(request_id.encode())
+        return stream
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._streamed_ids.discard(request_id.encode())
+
+    async def _acknowledged(self, future: DeliveryFuture) -> None:
         assert self._loop is not None
         acked: asyncio.Future[None] = self._loop.create_future()
 
@@ -215,16 +258,8 @@ class KafkaBridge:
             else:
                 acked.set_result(None)
 
-        future = self.producer.publish(request)  # raises MessageError for an oversized request
-        self.submitted[request.request_id] = request.tenant_id
-        while len(self.submitted) > self.settings.gateway_results_cache:
-            self.submitted.popitem(last=False)
         future.add_done_callback(delivered)
-        try:
-            await acked
-        except DeliveryError:
-            self.submitted.pop(request.request_id, None)
-            raise
+        await acked
 
     async def wait_reply(self, request_id: str, timeout: float) -> Reply | None:
         """The reply, or None if it did not arrive within ``timeout`` seconds."""
@@ -244,6 +279,11 @@ class KafkaBridge:
             if not waiters:
                 self._waiters.pop(request_id, None)
 
+    def owner(self, request_id: str) -> str | None:
+        """The tenant of a request this gateway published or saw answered; None if unknown here."""
+        reply = self.results.get(request_id)
+        return reply.tenant_id if reply is not None else self.submitted.get(request_id)
+
     def lookup(self, tenant_id: str, request_id: str) -> tuple[str, Reply | None] | None:
         """('done', reply) or ('pending', None) for the tenant's own request, else None."""
         reply = self.results.get(request_id)
@@ -258,9 +298,21 @@ class KafkaBridge:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._on_reply, reply)
 
+    def _chunk_from_listener(self, chunk: Chunk) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_chunk, chunk)
+
+    def _on_chunk(self, chunk: Chunk) -> None:
+        stream = self._streams.get(chunk.request_id)
+        if stream is not None:
+            stream.put_nowait(chunk)
+
     def _on_reply(self, reply: Reply) -> None:
         if reply.request_id in self.results:
             return  # a repeated reply after a worker restart: first one wins
+        if (stream := self._streams.get(reply.request_id)) is not None:
+            stream.put_nowait(reply)
         self.results[reply.request_id] = reply
         while len(self.results) > self.settings.gateway_results_cache:
             self.results.popitem(last=False)
