@@ -177,3 +177,40 @@ def test_property_bounded_wait_and_no_double_admission(items, capacity):
     for i, (band, t, _tenant) in enumerate(items):
         wait = admitted[str(i)] - max(t, 0.0)
         assert wait <= 2 * step + len(items) / capacity + 1
+
+
+def test_a_request_for_n_outputs_takes_n_slots():
+    policy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=4)
+    wide = Pending("n3", "a", L, submitted_ts=0, slots=3)
+    policy.add(wide)
+    policy.add(Pending("n2", "a", L, submitted_ts=1, slots=2))
+    policy.add(item("one", L, t=2))
+    assert policy.next(now=5) is wide and policy.in_flight == 3
+    assert policy.next(now=5) is None  # n2 does not fit in the one slot left, and nothing overtakes it
+    policy.finished(wide)
+    assert policy.in_flight == 0
+    assert policy.next(now=5).request_id == "n2" and policy.in_flight == 2
+    assert policy.next(now=5).request_id == "one" and policy.in_flight == 3
+
+
+def test_n_counts_against_reserved_slots():
+    policy = AdmissionPolicy(rules(reserved=(2, 0, 0)), capacity=4)  # low and medium may use 2 slots
+    policy.add(item("l", L, t=0))
+    policy.add(Pending("wide-m", "b", M, submitted_ts=1, slots=2))
+    assert policy.next(now=5).request_id == "wide-m"  # medium before low, 2 of the 2 slots
+    assert policy.next(now=5) is None  # the low request would take a reserved slot
+    policy.add(Pending("wide-h", "c", H, submitted_ts=2, slots=2))
+    assert policy.next(now=5).request_id == "wide-h" and policy.in_flight == 4
+
+
+def test_a_request_wider_than_the_engine_starts_alone():
+    policy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=2)
+    policy.add(item("small", L, t=0))
+    policy.add(Pending("huge", "b", L, submitted_ts=1, slots=5))
+    small = policy.next(now=5)
+    assert small.request_id == "small" and policy.next(now=5) is None  # not while anything runs
+    policy.finished(small)
+    huge = policy.next(now=5)
+    assert huge.request_id == "huge" and policy.in_flight == 5
+    policy.finished(huge)
+    assert policy.in_flight == 0 and policy.in_flight_by_tenant["b"] == 0

@@ -8,7 +8,8 @@ Rules, in order:
    fixed when the request arrives; only the comparison with ``now`` changes.
 3. **Reserved slots**: a request in effective band *r* may start only while fewer than
    ``capacity - sum(reserved_slots of bands above r)`` requests are in flight, so a burst
-   of high requests finds free slots even when low work is plentiful.
+   of high requests finds free slots even when low work is plentiful. A request for ``n``
+   outputs counts as the ``n`` slots it takes (``Pending.slots``).
 4. **Fair share within a band**: start-time fair queuing over tenants, with the request's
    token budget as its cost: a tenant's next start tag is
    ``max(band virtual time, that tenant's last finish tag)`` and the smallest tag goes first;
@@ -59,6 +60,7 @@ class Pending:
     promote_at: tuple[float, ...] = ()
     seq: int = 0
     served_as: Band | None = field(default=None)
+    slots: int = 1  # engine slots it takes: a request for n outputs runs n sequences
 
 
 class AdmissionPolicy:
@@ -149,7 +151,7 @@ class AdmissionPolicy:
             key = (band.rank, start, head.submitted_ts, head.seq)
             if best_key is None or key < best_key:
                 best_queue, best_key, best_band = queue, key, band
-        if best_queue is None or self.in_flight >= self._limit[best_band]:
+        if best_queue is None or not self._fits(best_queue[0].slots, best_band):
             return None
         assert best_key is not None
         best = best_queue.pop(0)
@@ -159,12 +161,17 @@ class AdmissionPolicy:
         self._virtual_time[best_band] = start
         self._finish_tag[best_band][best.tenant_id] = start + best.cost
         best.served_as = best_band
-        self.in_flight += 1
+        self.in_flight += best.slots
         self.in_flight_by_tenant[best.tenant_id] += 1
         return best
 
+    def _fits(self, slots: int, band: Band) -> bool:
+        """Room for ``slots`` more under ``band``'s limit; a request larger than the limit starts
+        alone, once nothing else is in flight, instead of never."""
+        return self.in_flight + slots <= self._limit[band] or self.in_flight == 0
+
     def finished(self, item: Pending) -> None:
-        self.in_flight -= 1
+        self.in_flight -= item.slots
         self.in_flight_by_tenant[item.tenant_id] -= 1
 
     def remove_where(self, predicate: Any) -> list[Pending]:

@@ -291,9 +291,13 @@ class Engine:
     def _classify(exc: Exception) -> Exception:
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        try:
+            from vllm.exceptions import VLLMClientError
+        except ImportError:  # older vLLM: request errors are ValueErrors
+            VLLMClientError = ValueError  # noqa: N806
         if isinstance(exc, EngineDeadError):
             return EngineDead(str(exc))
-        if isinstance(exc, ValueError):
+        if isinstance(exc, (ValueError, VLLMClientError)):  # e.g. a JSON schema the grammar backend refuses
             return RequestRejected(ErrorCode.invalid_request, str(exc))
         return EngineRequestError(f"{type(exc).__name__}: {exc}")
 
