@@ -74,7 +74,7 @@ def estimated_tokens(request: Request) -> int:
     else:
         messages = request.messages or []
         chars, overhead = sum(len(m.content) for m in messages), TOKENS_PER_MESSAGE * len(messages)
-    return request.params.max_tokens + overhead + math.ceil(chars / CHARS_PER_TOKEN)
+    return request.params.max_tokens * request.params.n + overhead + math.ceil(chars / CHARS_PER_TOKEN)
 
 
 @dataclass
