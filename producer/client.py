@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, NamedTuple
 
 import confluent_kafka
 
-from producer.quota import QuotaExceeded, QuotaLimiter
+from producer.quota import QuotaExceeded, QuotaLimiter, quota_backend
 from producer.routing import LaneRouter, backlog_reader_source
 
 from pydantic import ValidationError
@@ -127,7 +127,8 @@ QuotaMode = Literal["raise", "wait", "off"]
 class Producer:
     """Validates requests and publishes them to ``tierq.<pool>.<band>`` keyed by tenant.
 
-    Tenant quotas (requests/s, tokens/min) are enforced here, per process: ``on_quota``
+    Tenant quotas (requests/s, tokens/min) are enforced here, per process, or pool-wide in Redis
+    with ``settings.quota_redis_url`` (producer.quota_redis): ``on_quota``
     ``"raise"`` refuses a request over quota with ``QuotaExceeded`` (it has a
     ``retry_after``), ``"wait"`` sleeps until it fits (batch submission), ``"off"`` skips
     the check (trusted internal pipelines).
@@ -138,7 +139,7 @@ class Producer:
         self.topology = topology
         self._settings = settings
         self.on_quota = on_quota
-        self.quotas = QuotaLimiter(topology) if on_quota != "off" else None
+        self.quotas = QuotaLimiter(topology, backend=quota_backend(settings)) if on_quota != "off" else None
         conf = settings.librdkafka("producer", **PRODUCER_DEFAULTS)
         conf.update(config_overrides)
         self._producer = confluent_kafka.Producer(conf)
@@ -312,6 +313,8 @@ class Producer:
             self._router.close()
         if self._close_backlog is not None:
             self._close_backlog()
+        if self.quotas is not None:
+            self.quotas.close()
         remaining = self.flush(timeout)
         if remaining:
             self._producer.purge()

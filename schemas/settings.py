@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.tenants import load_topology
@@ -74,6 +74,26 @@ class Settings(BaseSettings):
         default_factory=dict, description="Extra librdkafka properties, as JSON: TIERQ_KAFKA_EXTRA='{\"k\": \"v\"}'"
     )
     state_dir: Path = Field(default=Path(".tierq"), description="Local state: generated test model, broker logs")
+    quota_redis_url: SecretStr | None = Field(
+        default=None,
+        description="redis://[:password@]host:port/db (rediss://, unix:// too): tenants' requests/s and tokens/min "
+        "buckets shared in Redis/Valkey by every producer and gateway; unset: buckets per process",
+    )
+    quota_redis_on_error: Literal["local", "refuse"] = Field(
+        default="local",
+        description="Redis unreachable: 'local' enforces quotas per process (logged) until it is back; "
+        "'refuse' refuses rate-limited requests (quota_exceeded, HTTP 429)",
+    )
+
+    @field_validator("quota_redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://host:port/db, rediss://... or unix://... URL")
+        return raw
 
     def load_topology(self) -> Topology:
         """topics.yaml plus the tenants file, validated."""
