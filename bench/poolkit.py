@@ -317,6 +317,7 @@ class Pool:
         self.producer: Producer | None = None
         self.deliveries: list[Delivery] = []
         self.producer_options: dict[str, Any] = {}
+        self.owners_at_start: dict[tuple[str, int], str] = {}
         self._pending: list[Any] = []
 
     # workers
@@ -349,7 +350,9 @@ class Pool:
             self.start_worker(speeds[i] if speeds else None)
         self.producer = Producer(self.settings, self.topology, on_quota="off", **self.producer_options)
         self.producer.connect()
-        return self.wait_stable(since=t0)
+        took = self.wait_stable(since=t0)
+        self.owners_at_start = self.owners()
+        return took
 
     @property
     def live(self) -> list[WorkerProcess]:
@@ -407,6 +410,11 @@ class Pool:
         self.producer.flush(timeout)
         pending, self._pending = self._pending, []
         self.deliveries += [f.result(timeout=timeout) for f in pending]
+
+    def recent_deliveries(self, count: int) -> list[Delivery]:
+        """The last ``count`` acknowledged records, including those not flushed yet."""
+        done = [f.result(0) for f in self._pending if f.done() and not f.failed]
+        return (self.deliveries + done)[-count:]
 
     def publish(self, docs: Iterable[dict[str, Any]]) -> list[str]:
         ids = self.submit(docs)
@@ -521,6 +529,15 @@ def partitions_used(deliveries: Iterable[Delivery], ids: set[str] | None = None)
         out.setdefault(band, {}).setdefault(d.partition, 0)
         out[band][d.partition] += 1
     return {band: dict(sorted(parts.items())) for band, parts in out.items()}  # type: ignore[misc]
+
+
+def partitions_by_worker(owners: dict[tuple[str, int], str]) -> dict[str, dict[str, int]]:
+    """How many partitions of each band each worker holds: {worker: {band: count}}."""
+    out: dict[str, dict[str, int]] = {}
+    for (topic, _p), worker in owners.items():
+        band = topic.rsplit(".", 1)[-1]
+        out.setdefault(worker, {"high": 0, "medium": 0, "low": 0})[band] += 1
+    return dict(sorted(out.items()))
 
 
 def ceil(x: float) -> int:
