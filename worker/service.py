@@ -290,6 +290,7 @@ class Worker:
         tasks.discard(task)
         if self.running.get(item.request_id, (None,))[0] is task:
             del self.running[item.request_id]
+            self._cancelled_by_tenant.discard(item.request_id)
         self.policy.finished(item)
         self._wake.set()
 
@@ -379,7 +380,7 @@ class Worker:
         rid = cancel.request_id
         if rid in self.running:
             task, item = self.running[rid]
-            if self._cancel_allowed(cancel, item.tenant_id):
+            if not task.done() and self._cancel_allowed(cancel, item.tenant_id):
                 self._cancelled_by_tenant.add(rid)
                 task.cancel()
                 metrics.cancels.labels("running").inc()
