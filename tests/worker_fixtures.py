@@ -32,6 +32,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_model() -> str:
+    """The real small model (SmolLM2-135M-Instruct), prepared once per user into the models directory
+    that ``tierq model prepare`` uses: later sessions find it there (download + conversion: ~1 min)."""
+    from worker.models import PrepareError, prepare_smollm2
+
+    try:
+        return str(prepare_smollm2(check=False))
+    except PrepareError as exc:
+        pytest.fail(f"cannot prepare SmolLM2 for the structured-output tests: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_model: str) -> Any:
+    """A second, small engine on the real model, only for the tests that need real text (structured outputs)."""
+    engine = Engine.start(EngineConfig(model=smollm2_model, dtype="float32", max_model_len=1024, max_num_seqs=4,
+                                       extra={"enforce_eager": True}))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_model: str) -> Any:
     engine = Engine.start(EngineConfig(model=tiny_model, dtype="float32", max_model_len=512,
                                        max_num_seqs=ENGINE_SLOTS, extra={"enforce_eager": True}))

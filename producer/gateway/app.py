@@ -17,13 +17,22 @@ from typing import Any
 import orjson
 import prometheus_client
 import structlog
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 from prometheus_client import Counter, Histogram
 
 from broker.topics import create_topics
 from producer.batchfile import from_openai_body
 from producer.client import DeliveryError
+from producer.gateway.api_models import (
+    BatchCreateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_message,
+)
 from producer.gateway.batches import BatchError, BatchService
 from producer.gateway.bridge import KafkaBridge
 from producer.gateway.openai_api import ApiError, api_error_for, completion_body, reply_error, stream_chunks
@@ -149,6 +158,25 @@ def create_app(settings: GatewaySettings, topology: Topology) -> FastAPI:
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(exc.errors()))
+        err = ApiError(400, "invalid_request", message, param=param)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown route, wrong method, unparseable multipart) in OpenAI's shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        err = ApiError(exc.status_code, code, str(exc.detail))
+        return JSONResponse(err.body(), status_code=err.status, headers=exc.headers)
+
+    bearer = HTTPBearer(auto_error=False, description="the tenant's API key (tierq tenant add)")
+
+    def authenticated(request: Request, _key: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        """The caller's tenant; a dependency, so a bad key is refused before the body is validated."""
+        return gateway.authenticate(request)
+
     @app.exception_handler(BatchError)
     async def _batch_error(_request: Request, exc: BatchError) -> JSONResponse:
         err = ApiError(exc.status, "not_found" if exc.status == 404 else "invalid_request", exc.message)
@@ -171,12 +199,14 @@ def create_app(settings: GatewaySettings, topology: Topology) -> FastAPI:
             REQUESTS.labels(url, tenant_id, str(status)).inc()
             LATENCY.labels(url).observe(time.monotonic() - started)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    # the typed bodies validate and document; _complete reads the raw body, which the request
+    # contract checks in full (FastAPI keeps the bytes it parsed)
+    @app.post("/v1/completions", dependencies=[Depends(authenticated)])
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         return await completion(request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    @app.post("/v1/chat/completions", dependencies=[Depends(authenticated)])
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await completion(request, "/v1/chat/completions")
 
     @app.get("/v1/requests/{request_id}")
@@ -239,14 +269,9 @@ def create_app(settings: GatewaySettings, topology: Topology) -> FastAPI:
         return Response(content, media_type="application/jsonl")
 
     @app.post("/v1/batches")
-    async def create_batch(request: Request) -> dict[str, Any]:
-        tenant_id = gateway.authenticate(request)
-        body = await _json_body(request)
-        missing = [f for f in ("input_file_id", "endpoint", "completion_window") if f not in body]
-        if missing:
-            raise ApiError(400, "invalid_request", f"missing field(s): {', '.join(missing)}", param=missing[0])
-        return gateway.batches.create(tenant_id, str(body["input_file_id"]), str(body["endpoint"]),
-                                      str(body["completion_window"]), body.get("metadata"))
+    async def create_batch(body: BatchCreateRequest, tenant_id: str = Depends(authenticated)) -> dict[str, Any]:
+        return gateway.batches.create(tenant_id, body.input_file_id, body.endpoint, body.completion_window,
+                                      body.metadata)
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str, request: Request) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any
 
-from schemas.messages import ErrorCode, Reply, Status
+from schemas.messages import Choice, ErrorCode, Reply, Status
 
 #: The HTTP status a tierq error code becomes.
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -77,35 +77,66 @@ def _usage(reply: Reply) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _choices(reply: Reply) -> list[Choice]:
+    """Every output of an ``ok`` reply: its ``choices``, or the one its ``text`` carries."""
+    if reply.choices:
+        return list(reply.choices)
+    return [Choice(index=0, text=reply.text or "", finish_reason=reply.finish_reason,
+                   completion_tokens=reply.usage.completion_tokens)]
+
+
+def chat_logprobs(choice: Choice) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}``."""
+    if choice.logprobs is None:
+        return None
+    return {"content": [t.model_dump(mode="json") for t in choice.logprobs], "refusal": None}
+
+
+def completion_logprobs(choice: Choice) -> dict[str, Any] | None:
+    """OpenAI's legacy completions ``logprobs`` object: parallel lists per output token;
+    ``text_offset`` counts characters from the start of the generated text."""
+    if choice.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for token in choice.logprobs:
+        offsets.append(at)
+        at += len(token.token)
+    return {"tokens": [t.token for t in choice.logprobs], "token_logprobs": [t.logprob for t in choice.logprobs],
+            "top_logprobs": [{alt.token: alt.logprob for alt in t.top_logprobs} for t in choice.logprobs],
+            "text_offset": offsets}
+
+
 def completion_body(reply: Reply, chat: bool, model: str) -> dict[str, Any]:
-    """An OpenAI ``text_completion`` or ``chat.completion`` object for an ``ok`` reply."""
-    text = reply.text or ""
+    """An OpenAI ``text_completion`` or ``chat.completion`` object for an ``ok`` reply: one choice
+    per output (``n``), each with its ``logprobs`` object when they were asked for."""
     if chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": reply.finish_reason}
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c), "finish_reason": c.finish_reason} for c in _choices(reply)]
         return {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion", "created": _created(reply),
-                "model": model, "choices": [choice], "usage": _usage(reply)}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reply.finish_reason}
+                "model": model, "choices": choices, "usage": _usage(reply)}
+    choices = [{"index": c.index, "text": c.text, "logprobs": completion_logprobs(c), "finish_reason": c.finish_reason}
+               for c in _choices(reply)]
     return {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": _created(reply),
-            "model": model, "choices": [choice], "usage": _usage(reply)}
+            "model": model, "choices": choices, "usage": _usage(reply)}
 
 
 def stream_chunks(reply: Reply, chat: bool, model: str) -> list[dict[str, Any]]:
-    """The whole completion as SSE chunks: workers publish complete replies, not tokens,
-    so a streaming client gets the text in one chunk once it is done."""
-    text, created = reply.text or "", _created(reply)
+    """A whole reply as SSE chunks (for requests whose tokens are not streamed through Kafka,
+    e.g. ``n`` > 1 or logprobs): each choice's text in one chunk, then one closing chunk per
+    choice, the last with the usage."""
+    created, choices = _created(reply), _choices(reply)
     if chat:
         base = {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion.chunk", "created": created,
                 "model": model}
-        return [
-            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": None}]},
-            {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason}],
-             "usage": _usage(reply)},
-        ]
-    base = {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": created, "model": model}
-    return [
-        {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]},
-        {**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": reply.finish_reason}],
-         "usage": _usage(reply)},
-    ]
+        texts = [{**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": c.text},
+                                       "logprobs": chat_logprobs(c), "finish_reason": None}]} for c in choices]
+        ends = [{**base, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
+                                      "finish_reason": c.finish_reason}]} for c in choices]
+    else:
+        base = {"id": f"cmpl-{reply.request_id}", "object": "text_completion", "created": created, "model": model}
+        texts = [{**base, "choices": [{"index": c.index, "text": c.text, "logprobs": completion_logprobs(c),
+                                       "finish_reason": None}]} for c in choices]
+        ends = [{**base, "choices": [{"index": c.index, "text": "", "logprobs": None,
+                                      "finish_reason": c.finish_reason}]} for c in choices]
+    ends[-1]["usage"] = _usage(reply)
+    return texts + ends
