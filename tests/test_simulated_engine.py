@@ -242,3 +242,16 @@ def test_the_command_line_maps_engine_and_speed(monkeypatch: pytest.MonkeyPatch)
     assert settings.engine == "simulated"
     assert (settings.simulated.speed, settings.simulated.decode_base_ms) == (2.0, 9.0)
     assert worker_settings(parser.parse_args([])).engine == "vllm"
+
+
+async def test_n_outputs_and_logprobs_are_filler_marked_simulated() -> None:
+    eng, _clock = engine()
+    req = Request(request_id="n3", tenant_id="acme", priority="low", prompt="x" * 40,
+                  params=SamplingParams(max_tokens=3, n=3, logprobs=2,
+                                        response_format={"type": "json_object"}), submitted_at=utc_now())
+    completion = await eng.generate(req, eng.render(req), 0)
+    assert completion.simulated and completion.completion_tokens == 9
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert all(c.text == FILLER * 3 and c.logprobs is None for c in completion.choices)
+    single = await eng.generate(request("one"), eng.render(request("one")), 0)
+    assert single.choices == () and single.completion_tokens == 4
