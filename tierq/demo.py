@@ -286,6 +286,9 @@ def run_demo(settings: WorkerSettings, *, low: int, medium: int, high: int, out:
                 return 3
             try:
                 replies, elapsed = asyncio.run(_run(local, topology, engine, docs, console))
+            except KeyboardInterrupt:
+                say("interrupted; stopping")
+                return 130
             finally:
                 with ticking(console, "tierq demo: stopping the engine"):
                     engine.shutdown()
