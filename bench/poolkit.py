@@ -287,9 +287,8 @@ class Pool:
 
     Tenants get max_priority high and no quotas unless ``tenants`` says otherwise; ``bands``
     changes the band settings (e.g. reserved_slots 0 for the throughput scenarios).
-    The consumer group is the default one (``tierq-<pool>``), as a producer that reads the group's
-    backlog would expect; fresh topics keep one pool's offsets away from another's, and every
-    pool's workers have left the group before the next pool starts.
+    Its pool has a name of its own, so its consumer group (the default ``tierq-<pool>``, which is
+    also the group a producer reads backlog from) is new as well.
     """
 
     def __init__(self, bench: Bench, name: str, shape: EngineShape,
@@ -299,10 +298,18 @@ class Pool:
         self.name = name
         self.shape = shape
         self.prefix = f"pool{uuid.uuid4().hex[:8]}"
+        # a pool name of its own: its consumer group (tierq-<pool>) is new too, so no state a previous
+        # pool left in the broker's group coordinator can hold this one up, and a producer that reads
+        # the pool group's backlog reads this pool's
+        self.pool_name = f"b{self.prefix[4:]}"
         document = load_topology(REPO / "topics.yaml").with_topic_prefix(self.prefix).model_dump(mode="json")
+        document["pools"] = {self.pool_name: next(iter(document["pools"].values()))}
+        for rule in document.get("devices") or []:
+            rule["pool"] = self.pool_name
         for band, values in (bands or {}).items():
             document["bands"][band].update(values)
         for tenant_id, tenant in document["tenants"].items():
+            tenant["pool"] = self.pool_name
             tenant["max_priority"] = "high"
             tenant["quotas"] = {}
             tenant.update((tenants or {}).get(tenant_id, {}))
@@ -311,7 +318,7 @@ class Pool:
         create_topics(self.settings, self.topology)
         self.topics_file = bench.workdir / f"{self.prefix}.yaml"
         self.topics_file.write_text(yaml.safe_dump(self.topology.model_dump(mode="json"), sort_keys=False))
-        self.partitions = {(topic, p) for band, topic in self.topology.pool_topics("default").items()
+        self.partitions = {(topic, p) for band, topic in self.topology.pool_topics(self.pool_name).items()
                            for p in range(self.topology.bands[band].partitions)}
         self.workers: list[WorkerProcess] = []
         self.producer: Producer | None = None
@@ -326,6 +333,7 @@ class Pool:
         env.update({
             "TIERQ_BOOTSTRAP_SERVERS": self.bench.bootstrap,
             "TIERQ_TOPICS_FILE": str(self.topics_file),
+            "TIERQ_POOL": self.pool_name,
             "TIERQ_TENANTS_FILE": str(self.bench.workdir / "no-tenants.yaml"),
             "TIERQ_STATE_DIR": str(self.bench.workdir / "state"),
             "TIERQ_SESSION_TIMEOUT_MS": "6000",
@@ -416,6 +424,17 @@ class Pool:
         done = [f.result(0) for f in self._pending if f.done() and not f.failed]
         return (self.deliveries + done)[-count:]
 
+    def committed(self) -> dict[tuple[str, int], int]:
+        """The pool group's committed offset per band-topic partition (its log start where none)."""
+        from broker.backlog import BacklogReader
+
+        reader = BacklogReader(self.settings, f"tierq-{self.pool_name}")
+        try:
+            loads = reader.read(sorted(self.topology.pool_topics(self.pool_name).values()))
+        finally:
+            reader.close()
+        return {key: load.committed for key, load in loads.items()}
+
     def publish(self, docs: Iterable[dict[str, Any]]) -> list[str]:
         ids = self.submit(docs)
         self.flush()
@@ -491,6 +510,16 @@ def token_times(reply: Reply) -> list[float]:
 
 def tokens_between(replies: Iterable[Reply], t0: float, t1: float) -> int:
     return sum(1 for r in replies for t in token_times(r) if t0 <= t < t1)
+
+
+def in_flight_mean(replies: Iterable[Reply], t0: float, t1: float) -> float:
+    """Mean number of the replies' requests admitted to the engine (dequeued, not finished) over [t0, t1)."""
+    total = 0.0
+    for r in replies:
+        a, b = ts(r.timing.dequeued_at), ts(r.timing.finished_at)
+        if a is not None and b is not None:
+            total += max(0.0, min(b, t1) - max(a, t0))
+    return total / (t1 - t0)
 
 
 def by_worker(replies: Iterable[Reply]) -> dict[str, list[Reply]]:
