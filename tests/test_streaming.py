@@ -354,12 +354,14 @@ async def test_a_worker_killed_mid_stream_duplicates_no_text(stack: Stack, engin
             await task
         except openai.APIError as exc:  # allowed: the retry's text differed, the stream says so and stops
             assert "stream_diverged" in str(exc.body or exc), exc
+            print(f"the retry diverged after {len(sent_before_kill)} characters: the stream ended with an error")
             return
         streamed = "".join(deltas)
         request_id = next(rid for rid, r in stack.gateway.bridge.results.items() if r.tenant_id == "solo")
         reply = await stack.reply(request_id)
         assert reply.status is Status.ok and reply.worker == "solo/C"
         assert streamed == reply.text and streamed.startswith(sent_before_kill)
+        print(f"continued after the kill: {len(sent_before_kill)} characters before, {len(streamed)} in all")
     finally:
         try:
             os.killpg(process.pid, signal.SIGKILL)
