@@ -539,8 +539,15 @@ def pct(values: Sequence[float], q: float) -> float | None:
 def queue_stats(replies: Sequence[Reply]) -> dict[str, Any]:
     queue = [r.timing.queue_ms for r in replies if r.timing.queue_ms is not None]
     e2e = [r.timing.e2e_ms for r in replies if r.timing.e2e_ms is not None]
+    # queue = time in Kafka until a worker fetched it + time in that worker's buffer
+    kafka = [(r.timing.received_at - r.timing.submitted_at).total_seconds() * 1000
+             for r in replies if r.timing.received_at and r.timing.submitted_at]
+    buffered = [(r.timing.dequeued_at - r.timing.received_at).total_seconds() * 1000
+                for r in replies if r.timing.received_at and r.timing.dequeued_at]
     return {"count": len(replies), "queue_ms_p50": pct(queue, 50), "queue_ms_p90": pct(queue, 90),
             "queue_ms_p99": pct(queue, 99), "queue_ms_max": round(max(queue), 1) if queue else None,
+            "in_kafka_ms_p50": pct(kafka, 50), "in_kafka_ms_p99": pct(kafka, 99),
+            "in_worker_buffer_ms_p50": pct(buffered, 50), "in_worker_buffer_ms_p99": pct(buffered, 99),
             "e2e_ms_p50": pct(e2e, 50), "e2e_ms_p99": pct(e2e, 99)}
 
 
