@@ -2,8 +2,9 @@
 
 1. **Time to first token through the gateway**: streamed high chat requests, one at a time, from
    the official openai client (HTTP -> Kafka -> worker -> Kafka -> SSE); per request, the client's
-   time to its first content delta next to the engine's own time to first token (the reply's
-   ``timing.ttft_ms``: admission to first token). The difference is tierq's streaming overhead.
+   time to its first content delta next to the engine's own time to first token as the worker saw
+   it (the reply's ``timing.ttft_ms``: admission to first token); the difference is the streaming
+   path's overhead. Also the same prompts straight into the engine (no worker), for the bare figure.
 2. **Records and broker CPU per request**, streamed against unstreamed, at 32 and 256 tokens:
    records on the reply topic (chunks + reply) and the broker process's CPU seconds per request.
 3. **Cancelled-request slot reuse**: every engine slot holds a long low request, a high request
@@ -99,12 +100,37 @@ async def ttft_phase(engine: Any, bootstrap: str, slots: int, n: int) -> dict[st
         server.should_exit = True
         await task
         del phase
+    direct = await direct_ttft(engine, n)
     client_ttft = [r["client_ttft_ms"] for r in rows]
     engine_ttft = [r["engine_ttft_ms"] for r in rows]
     overhead = [r["client_ttft_ms"] - r["engine_ttft_ms"] for r in rows]
     return {"requests": len(rows), "client_ttft_ms_p50": pct(client_ttft, 50), "client_ttft_ms_p99": pct(client_ttft, 99),
             "engine_ttft_ms_p50": pct(engine_ttft, 50), "engine_ttft_ms_p99": pct(engine_ttft, 99),
-            "overhead_ms_p50": pct(overhead, 50), "overhead_ms_p99": pct(overhead, 99), "rows": rows}
+            "overhead_ms_p50": pct(overhead, 50), "overhead_ms_p99": pct(overhead, 99),
+            # the engine alone (no Kafka, no worker, no gateway), same prompts, same run
+            "direct_engine_ttft_ms_p50": pct(direct, 50), "direct_engine_ttft_ms_p99": pct(direct, 99),
+            "overhead_vs_direct_ms_p50": round(pct(client_ttft, 50) - pct(direct, 50), 1),
+            "overhead_vs_direct_ms_p99": round(pct(client_ttft, 99) - pct(direct, 99), 1), "rows": rows}
+
+
+async def direct_ttft(engine: Any, n: int) -> list[float]:
+    """The same chat requests straight into the engine, one at a time: its bare time to first token."""
+    from schemas.messages import Request
+    from worker.engine import Progress
+
+    times = []
+    for i in range(n + 3):  # the first three warm up, as through the gateway
+        request = Request.model_validate({
+            "request_id": f"direct-{uuid.uuid4().hex}", "tenant_id": "acme", "priority": "high",
+            "messages": [{"role": "user", "content": f"Question {i}: why is the sky blue?"}],
+            "params": {"max_tokens": 32, "temperature": 0}, "submitted_at": utc_now()})
+        first: list[float] = []
+        started = time.perf_counter()
+        progress = Progress(lambda _text, _tokens: first or first.append((time.perf_counter() - started) * 1000))
+        await engine.generate(request, engine.render(request), priority=0, progress=progress)
+        if i >= 3 and first:
+            times.append(round(first[0], 2))
+    return times
 
 
 async def records_phase(engine: Any, bootstrap: str, broker_pid: int, slots: int, n: int, max_tokens: int,
@@ -174,9 +200,12 @@ def plot(result: dict[str, Any], tag: str) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ttft = result["ttft"]
-    labels = ["engine TTFT", "client TTFT\n(via gateway)", "overhead"]
-    p50 = [ttft["engine_ttft_ms_p50"], ttft["client_ttft_ms_p50"], ttft["overhead_ms_p50"]]
-    p99 = [ttft["engine_ttft_ms_p99"], ttft["client_ttft_ms_p99"], ttft["overhead_ms_p99"]]
+    labels = ["engine alone", "engine TTFT\n(in the worker)", "client TTFT\n(via gateway)",
+              "overhead\n(client - worker's)"]
+    p50 = [ttft["direct_engine_ttft_ms_p50"], ttft["engine_ttft_ms_p50"], ttft["client_ttft_ms_p50"],
+           ttft["overhead_ms_p50"]]
+    p99 = [ttft["direct_engine_ttft_ms_p99"], ttft["engine_ttft_ms_p99"], ttft["client_ttft_ms_p99"],
+           ttft["overhead_ms_p99"]]
     x = range(len(labels))
     axes[0].bar([i - 0.2 for i in x], p50, 0.4, label="p50")
     axes[0].bar([i + 0.2 for i in x], p99, 0.4, label="p99")
