@@ -57,6 +57,7 @@ class FakeIntake:
         self.topic_band = {topic: band for band, topic in TOPICS.items()}
         self.assigned: set[tuple[str, int]] = set()
         self.paused: set[tuple[str, int]] = set()
+        self.bands_assigned = set(TOPICS)
         self.queued: list[FakeMessage] = []
         self.committed: dict[tuple[str, int], int] = {}
         self._offsets = {tp: itertools.count() for tp in PARTITIONS}
