@@ -32,6 +32,7 @@ reply's first and last token times, which is exact at window edges where request
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import os
@@ -73,14 +74,15 @@ class Params:
     trickle_s: float
     fifo_wait_s: float
     fairness_burst: float  # in pool in-flight capacities
+    flood_wait_s: float  # the pool is stopped this long after the flood at the latest
     join_stream_s: float  # least seconds of the saturating stream while a worker joins
     loss_stream_s: float  # then half load while one worker is SIGTERMed and one SIGKILLed
     cost_requests: int
 
 
-QUICK = Params(window_s=6, warm_s=2, hetero_s=10, trickle_s=10, fifo_wait_s=6, fairness_burst=2,
+QUICK = Params(window_s=6, warm_s=2, hetero_s=10, trickle_s=10, fifo_wait_s=6, fairness_burst=2, flood_wait_s=30,
                join_stream_s=8, loss_stream_s=12, cost_requests=2000)
-FULL = Params(window_s=20, warm_s=2, hetero_s=30, trickle_s=20, fifo_wait_s=15, fairness_burst=2,
+DEFAULT = Params(window_s=20, warm_s=2, hetero_s=30, trickle_s=20, fifo_wait_s=15, fairness_burst=2, flood_wait_s=120,
               join_stream_s=8, loss_stream_s=30, cost_requests=5000)
 
 
@@ -454,19 +456,31 @@ def scenario_fairness(run: Run) -> dict[str, Any]:
         alone_ids = pool.publish(small)
         alone = pool.collect("globex", expect=burst, timeout=120)
         b = run.bench.cpu.sample(pool.workers)
-        cap = 180.0
+        cap = run.params.flood_wait_s
         t_flood = time.time()
         flood_ids = set(pool.submit(flood))
         with_ids = set(pool.publish(small))
-        got = pool.collect("globex", expect=2 * burst, timeout=cap)
+        pool.collect("globex", expect=2 * burst, timeout=cap)
         c = run.bench.cpu.sample(pool.workers)
+        t_stop = time.time()
         codes = pool.stop()
+        got = pool.collect("globex")
         acme = pool.collect("acme")
     finally:
         pool.stop()
     alone = [r for r in alone if r.request_id in set(alone_ids)]
-    together = [r for r in got if r.request_id in with_ids]
+    # those not started when the pool was stopped count with their wait so far (lower bounds)
+    together = [r for r in got if r.request_id in with_ids and ts(r.timing.dequeued_at) <= t_stop]
+    submitted = {r.request_id: ts(r.timing.submitted_at) for r in got if r.request_id in with_ids}
+    censored = [(t_stop - submitted.get(rid, t_flood)) * 1000 for rid in with_ids
+                if rid not in {r.request_id for r in together}]
     q_alone, q_with = queue_stats(alone), queue_stats(together)
+    if censored:
+        q = sorted([r.timing.queue_ms for r in together] + censored)
+        q_with.update({"queue_ms_p50": round(q[len(q) // 2], 1), "queue_ms_p99": round(q[min(len(q) - 1, int(0.99 * len(q)))], 1),
+                       "not_started_when_stopped": len(censored),
+                       "note": f"stopped {cap:g} s after the flood: {len(censored)} of {burst} not started, counted "
+                               "with their wait so far (the median is exact while they are under half)"})
     r50 = ratio(q_with["queue_ms_p50"], q_alone["queue_ms_p50"])
     # completions while both had work waiting: until the small tenant's last request started
     last_start = max((ts(r.timing.dequeued_at) for r in together), default=t_flood)
@@ -475,8 +489,7 @@ def scenario_fairness(run: Run) -> dict[str, Any]:
     result = {
         "scenario": f"N = 4; globex publishes {burst} low requests at once ({run.params.fairness_burst:g} x the pool's "
                     f"in-flight slots) alone; then acme publishes {10 * burst} and globex {burst} more at the same moment",
-        "goal": "globex's median queue time with the flood <= 2 x alone", "pass": r50 is not None and r50 <= 2.0
-        and len(together) == burst,
+        "goal": "globex's median queue time with the flood <= 2 x alone", "pass": r50 is not None and r50 <= 2.0,
         "queue_p50_ratio": r50, "queue_p99_ratio": ratio(q_with["queue_ms_p99"], q_alone["queue_ms_p99"]),
         "globex_alone": q_alone, "globex_with_flood": q_with,
         "completions_while_both_waiting": both,
@@ -940,7 +953,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     configure(level="WARNING")
-    params = QUICK if args.quick else FULL
+    params = QUICK if args.quick else DEFAULT
     machine = machine_info()
     machine["busy_processes_at_start"] = other_processes()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -966,6 +979,8 @@ def main() -> None:
                     pool.stop()
             print(f"[{time.time() - run.started:6.1f}s] {name}: {json.dumps(summary[name])}", flush=True)
         total = round(time.time() - run.started, 1)
+        run.pools.clear()  # the producers' clients go before the broker does (else librdkafka logs its going)
+        gc.collect()
     out = {**base_result(run, "summary"), "bench": "pool", "total_s": total, "scenarios": summary,
            "machine_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}}
     out.pop("loadavg_at_scenario_start", None)
