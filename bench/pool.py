@@ -24,8 +24,9 @@ The engines are slow (``--speed`` x an H100, ``--slots`` sequences) so that the 
 engines do not run in lockstep. Throughput is counted in output tokens per second from each
 reply's first and last token times, which is exact at window edges where request counts jump.
 
-    .venv/bin/python -m bench.pool --quick        # ~4 minutes
+    .venv/bin/python -m bench.pool --quick        # ~6 minutes on the 2-core machine (9 pools to start)
     .venv/bin/python -m bench.pool                # ~10 minutes
+    .venv/bin/python -m bench.pool --quick --key-hash --tag cpu-keyhash   # Kafka's key hash, to compare
     .venv/bin/python -m bench.pool --only scale,mix --full
 """
 
@@ -935,7 +936,7 @@ HEADLINE = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter windows and loads (~4 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter windows and loads (~6 minutes)")
     parser.add_argument("--full", action="store_true", help="also N = 8 in the scale scenario")
     parser.add_argument("--only", help=f"comma-separated scenarios (of {', '.join(SCENARIOS)})")
     parser.add_argument("--speed", type=float, default=0.05, help="simulated engine speed (x the reference H100)")
