@@ -261,7 +261,6 @@ class Producer:
             document = document.model_dump(by_alias=True)
         return self.publish(self.prepare(document))
 
-    def _produce(self, topic: str, **kwargs: Any) -> None:
     def cancel(self, request_id: str, tenant_id: str, *, reason: str | None = None) -> DeliveryFuture:
         """Ask the workers of the tenant's pool to cancel one of its requests: a ``tierq.cancel/v1``
         record on the pool's control topic. Workers honour it only for the tenant's own request: a
@@ -281,6 +280,7 @@ class Producer:
                       on_delivery=future._resolve)
         return future
 
+    def _produce(self, topic: str, **kwargs: Any) -> None:
         while True:
             try:
                 self._producer.produce(topic, **kwargs)
