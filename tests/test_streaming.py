@@ -113,13 +113,21 @@ async def stack(bootstrap: str, base_topology: Topology, engine: Any,
     assert await asyncio.wait_for(worker_task, 60) == 0
 
 
-async def until(condition: Any, what: str, timeout: float = 120) -> None:
-    """Wait for observable state, checking every 20 ms."""
+async def until(condition: Any, what: Any, timeout: float = 120) -> None:
+    """Wait for observable state, checking every 20 ms; ``what`` may be a callable describing the state."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not condition():
-        assert loop.time() < end, f"timed out waiting for {what}"
+        assert loop.time() < end, f"timed out waiting for {what() if callable(what) else what}"
         await asyncio.sleep(0.02)
+
+
+def _batch_state(stack: Stack, batch_id: str) -> str:
+    batch = stack.gateway.batches.batches[batch_id]
+    results = stack.gateway.batches.results[batch_id]
+    return (f"lines {sorted(batch['_custom_ids'])}, results {{{', '.join(f'{k}: {r.status.value}' for k, r in results.items())}}}, "
+            f"running {sorted(stack.worker.running)}, waiting {[i.request_id for i in stack.worker.policy.waiting]}, "
+            f"remembered cancels {len(stack.worker.cancels)}, status {batch['status']}")
 
 
 def request_id_of(chunk_id: str) -> str:
@@ -216,7 +224,11 @@ async def test_cancel_a_queued_and_a_running_request_and_the_slot_is_reused(stac
     await until(lambda: first_deltas, "the first request streams")
     (first_id,) = _running_ids(worker) - before
     second_task, _ = await _start_long(stack, "single")
-    await until(lambda: _waiting_ids(worker), "the second request waits (tenant at its in-flight cap)")
+    await until(lambda: _waiting_ids(worker) or second_task.done() or first_task.done(),
+                lambda: f"the second request waits (tenant at its in-flight cap): running {sorted(worker.running)}, "
+                        f"caps {worker.policy.tenant_caps}, in flight {dict(worker.policy.in_flight_by_tenant)}")
+    assert not first_task.done(), f"the first request ended early: {first_task.exception()!r}, {len(first_deltas)} deltas"
+    assert not second_task.done(), f"the second request was answered at once: {second_task.exception()!r}"
     (second_id,) = _waiting_ids(worker)
 
     # queued: cancelled through the CLI, never started
@@ -313,7 +325,8 @@ async def test_batch_cancel_cancels_the_unfinished_lines(stack: Stack):
         await until(lambda: any(rid.startswith("batch.") for rid in stack.worker.running), "a line runs")
         cancelling = await client.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
-        await until(lambda: service.batches[batch.id]["status"] == "cancelled", "the batch is cancelled")
+        await until(lambda: service.batches[batch.id]["status"] == "cancelled",
+                    lambda: f"the batch is cancelled: {_batch_state(stack, batch.id)}")
         done = await client.batches.retrieve(batch.id)
     replies = service.results[batch.id].values()
     assert done.request_counts.total == 6 and len(replies) == 6

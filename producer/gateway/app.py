@@ -330,9 +330,10 @@ async def _unless_hung_up(gateway: Gateway, request: Request, prepared: TierqReq
         await asyncio.wait({hang_up, work}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hang_up.cancel()
-    if work.done():
+        answered = work.done()
+        work.cancel()  # no-op when done; stops waiting when the client left or this handler is cancelled
+    if answered:
         return work.result()
-    work.cancel()
     gateway.cancel_in_background(prepared.request_id, prepared.tenant_id, "client disconnected")
     raise ClientGone()
 

@@ -95,7 +95,7 @@ class ReplyListener(threading.Thread):
                         log.warning("reply_consumer_error", error=error.str())
                     continue
                 headers = msg.headers() or []
-                if (b"schema", CHUNK_SCHEMA.encode()) in headers or ("schema", CHUNK_SCHEMA.encode()) in headers:
+                if ("schema", CHUNK_SCHEMA.encode()) in headers:
                     request_id = next((v for k, v in headers if k == "request_id"), None)
                     if self._on_chunk is None or not self._wants_chunks(request_id):
                         continue
