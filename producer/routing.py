@@ -1,12 +1,15 @@
 """Load-aware routing: which partition of its band topic a request goes to.
 
-Each request goes to the least-loaded of its tenant's lanes (schemas.lanes), where a lane's
-load is its backlog as last read (end offset minus the pool group's committed offset,
-refreshed in the background about once a second by ``broker.backlog.BacklogReader``, which
-reads true end offsets even on Tansu) plus what this producer sent there since that read.
-A partition whose worker is slow builds backlog and so gets fewer requests; a new producer
-with no reading yet spreads its requests evenly over the lanes by its own counts. The record
-key stays the tenant id, so the contract is unchanged for clients that only set the key.
+Each request goes to the lane (schemas.lanes) where it would wait least: the lane's backlog
+as last read (end offset minus the pool group's committed offset, refreshed in the background
+about once a second by ``broker.backlog.BacklogReader``, which reads true end offsets even on
+Tansu) plus what this producer sent there since, divided by the rate at which that lane's
+committed offset has been advancing while it had work (an average over the readings). So a
+partition whose worker is slow, shared with more partitions, or dead (no progress) gets fewer
+requests, in proportion. Lanes whose drain rate is not known yet count at the average rate of
+the others; with no rate known at all, the backlog alone decides, and a new producer with no
+reading spreads its requests evenly by its own counts. The record key stays the tenant id, so
+the contract is unchanged for clients that only set the key.
 
 Least-loaded of all lanes rather than the power of two choices: under a flood, another
 tenant has only a few lanes with no flood backlog, and two random picks would often miss
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,12 +34,17 @@ from schemas.topology import Topology
 
 log = structlog.get_logger("tierq.routing")
 
-#: reads (topics) -> {(topic, partition): backlog}; raises on failure (the last reading is kept)
-BacklogSource = Callable[[list[str]], Mapping[PartitionKey, int]]
+#: reads (topics) -> {(topic, partition): (backlog, committed offset)}; raises on failure (the last
+#: reading is kept)
+BacklogSource = Callable[[list[str]], Mapping[PartitionKey, tuple[int, int]]]
 #: topic -> number of partitions (None while unknown)
 PartitionCounter = Callable[[str], int | None]
 
 REFRESH_S = 1.0
+#: weight of the newest measurement in a lane's drain-rate average
+RATE_SMOOTHING = 0.5
+#: drain rate (records/s) below which a lane with backlog counts as stalled (its worker is gone)
+STALLED_RATE = 0.01
 
 
 class LaneRouter:
@@ -51,6 +60,8 @@ class LaneRouter:
         self._lanes: dict[tuple[str, str, int], list[int]] = {}
         self._counts: dict[str, int] = {}
         self._snapshot: Mapping[PartitionKey, int] = {}
+        self._rates: dict[PartitionKey, float] = {}
+        self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
         self._snapshot_seen: Mapping[PartitionKey, int] | None = None
         self._sent: dict[PartitionKey, int] = {}
         self._topics = sorted({t for pool in topology.pools for t in topology.pool_topics(pool).values()})
@@ -65,9 +76,26 @@ class LaneRouter:
         return self
 
     def refresh(self) -> None:
-        """Read the backlog now (the background thread does this every ``refresh_s``)."""
+        """Read the backlog now (the background thread does this every ``refresh_s``) and update
+        each lane's drain rate from how far its committed offset moved while it had backlog."""
         assert self._backlog_source is not None
-        self._snapshot = dict(self._backlog_source(self._topics))
+        reading, now = dict(self._backlog_source(self._topics)), time.monotonic()
+        rates = dict(self._rates)
+        if self._previous is not None:
+            before, then = self._previous
+            elapsed = now - then
+            for tp, (backlog, committed) in reading.items():
+                if backlog == 0 and rates.get(tp, 1.0) <= STALLED_RATE:
+                    del rates[tp]  # drained after all (its worker is back): measure it afresh
+                old = before.get(tp)
+                if old is None or old[0] == 0 or elapsed <= 0:
+                    continue  # nothing to drain: its rate says nothing
+                measured = max(0, committed - old[1]) / elapsed
+                known = rates.get(tp)
+                rates[tp] = measured if known is None else (1 - RATE_SMOOTHING) * known + RATE_SMOOTHING * measured
+        self._previous = reading, now
+        self._rates = rates
+        self._snapshot = {tp: backlog for tp, (backlog, _committed) in reading.items()}
 
     def _refresh_forever(self) -> None:
         failing = False
@@ -118,13 +146,21 @@ class LaneRouter:
         lanes = self.lanes(tenant_id, topic)
         if lanes is None:
             return None
-        best_load, best = None, []
+        rates = self._rates
+        known = [rates[(topic, p)] for p in lanes if (topic, p) in rates]
+        average = sum(known) / len(known) if known else None
+        best_wait, best = None, []
         for partition in lanes:
             tp = (topic, partition)
             load = snapshot.get(tp, 0) + self._sent.get(tp, 0)
-            if best_load is None or load < best_load:
-                best_load, best = load, [partition]
-            elif load == best_load:
+            if average is None:
+                wait = float(load)
+            else:
+                rate = rates.get(tp, average)
+                wait = (load + 1) / rate if rate > STALLED_RATE else float("inf") if load else 1 / STALLED_RATE
+            if best_wait is None or wait < best_wait:
+                best_wait, best = wait, [partition]
+            elif wait == best_wait:
                 best.append(partition)
         choice = best[0] if len(best) == 1 else random.choice(best)
         self._sent[(topic, choice)] = self._sent.get((topic, choice), 0) + 1
@@ -144,13 +180,13 @@ def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSou
     readers = {pool: BacklogReader(settings, f"tierq-{pool}") for pool in topology.pools}
     topics_of = {pool: set(topology.pool_topics(pool).values()) for pool in topology.pools}
 
-    def read(topics: list[str]) -> dict[PartitionKey, int]:
-        backlog: dict[PartitionKey, int] = {}
+    def read(topics: list[str]) -> dict[PartitionKey, tuple[int, int]]:
+        loads: dict[PartitionKey, tuple[int, int]] = {}
         for pool, reader in readers.items():
             mine = [t for t in topics if t in topics_of[pool]]
             if mine:
-                backlog.update({tp: load.backlog for tp, load in reader.read(mine).items()})
-        return backlog
+                loads.update({tp: (load.backlog, load.committed) for tp, load in reader.read(mine).items()})
+        return loads
 
     def close() -> None:
         for reader in readers.values():

@@ -29,10 +29,15 @@ def test_growing_partitions_keeps_most_lanes():
     assert before - after <= before and all(p >= 16 for p in after - before)
 
 
-def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None) -> LaneRouter:
+def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None,
+           committed: dict[tuple[str, int], int] | None = None) -> LaneRouter:
+    """A router over a fake reading: ``backlog`` (and ``committed`` offsets) per partition."""
     counts = {topology.band_topic("default", band): topology.bands[band].partitions for band in Band}
-    source = (lambda topics: dict(backlog or {})) if backlog is not None else None
-    return LaneRouter(topology, counts.get, source)
+
+    def source(topics: list[str]) -> dict[tuple[str, int], tuple[int, int]]:
+        return {tp: (load, (committed or {}).get(tp, 0)) for tp, load in (backlog or {}).items()}
+
+    return LaneRouter(topology, counts.get, source if backlog is not None else None)
 
 
 def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: Topology):
@@ -80,3 +85,35 @@ def test_configured_lanes_bound_a_tenant(base_topology: Topology):
 def test_unknown_partition_counts_fall_back_to_the_key(base_topology: Topology):
     routing = LaneRouter(base_topology, lambda topic: None, None)
     assert routing.partition_for("acme", "default", Band.low) is None
+
+
+def test_a_lane_that_drains_faster_gets_more_requests(base_topology: Topology, monkeypatch):
+    topic = base_topology.band_topic("default", Band.low)
+    fast, slow, *others = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    backlog = {(topic, p): 1000 for p in others} | {(topic, fast): 40, (topic, slow): 40}
+    committed = {tp: 0 for tp in backlog}
+    clock = iter(range(100))
+    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
+    routing = router(base_topology, backlog, committed)
+    routing.refresh()
+    committed[(topic, fast)], committed[(topic, slow)] = 40, 10  # in one second: 40/s against 10/s
+    routing.refresh()
+    chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(200))
+    # equal backlog, 4x the drain rate: the fast lane takes requests until the expected waits are
+    # equal (about 123), then about 4 of every 5 (waits are equalised, not backlogs)
+    assert chosen[fast] > 3 * chosen[slow] > 0 and sum(chosen.values()) == chosen[fast] + chosen[slow]
+
+
+def test_a_lane_with_backlog_and_no_progress_gets_nothing(base_topology: Topology, monkeypatch):
+    topic = base_topology.band_topic("default", Band.high)
+    dead, *alive = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
+    backlog = {(topic, p): 20 for p in [dead, *alive]}
+    committed = {tp: 0 for tp in backlog}
+    clock = iter(range(100))
+    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
+    routing = router(base_topology, backlog, committed)
+    routing.refresh()
+    for p in alive:
+        committed[(topic, p)] = 5
+    routing.refresh()
+    assert dead not in {routing.partition_for("acme", "default", Band.high) for _ in range(40)}
