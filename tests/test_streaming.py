@@ -223,6 +223,8 @@ async def test_cancel_a_queued_and_a_running_request_and_the_slot_is_reused(stac
     first_task, first_deltas = await _start_long(stack, "single")
     await until(lambda: first_deltas, "the first request streams")
     (first_id,) = _running_ids(worker) - before
+    caps = dict(worker.policy.tenant_caps)
+    worker.policy.tenant_caps = {**caps, "single": 0}  # hold the tenant's next requests in the buffer
     second_task, _ = await _start_long(stack, "single")
     await until(lambda: _waiting_ids(worker) or second_task.done() or first_task.done(),
                 lambda: f"the second request waits (tenant at its in-flight cap): running {sorted(worker.running)}, "
@@ -241,11 +243,12 @@ async def test_cancel_a_queued_and_a_running_request_and_the_slot_is_reused(stac
         await second_task
 
     # running: cancelled through the gateway, aborted in vLLM with the usage so far
-    third_task, third_deltas = await _start_long(stack, "single")  # waits for the first one's slot
+    third_task, third_deltas = await _start_long(stack, "single")
     await until(lambda: len(_waiting_ids(worker)) == 1, "the third request waits")
     async with stack.http("single") as http:
         answer = await http.post(f"/v1/requests/{first_id}/cancel")
     assert answer.status_code == 202 and answer.json()["status"] == "cancel_requested"
+    worker.policy.tenant_caps = caps  # the cap of 1 again: the third starts once the first's slot is free
     running = await stack.reply(first_id)
     assert running.status is Status.cancelled
     assert 0 < running.usage.completion_tokens < LONG and running.text.startswith("".join(first_deltas))
