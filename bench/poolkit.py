@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import yaml
 
+from bench.common import pct
 from broker.topics import create_topics
 from producer.client import Delivery, Producer
 from producer.collector import ResultCollector
@@ -527,13 +528,6 @@ def by_worker(replies: Iterable[Reply]) -> dict[str, list[Reply]]:
     for r in replies:
         out.setdefault(r.worker or "?", []).append(r)
     return dict(sorted(out.items()))
-
-
-def pct(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 1)
 
 
 def queue_stats(replies: Sequence[Reply]) -> dict[str, Any]:
