@@ -31,7 +31,7 @@ def test_workload_mixes_short_questions_and_longer_tasks_in_every_band(base_topo
     assert [d["priority"] for d in docs] == ["low"] * 6 + ["medium"] * 4 + ["high"] * 4
     for band in ("low", "medium", "high"):
         mine = [d for d in docs if d["priority"] == band]
-        assert {d["params"]["max_tokens"] for d in mine} == {32, 96}
+        assert {d["params"]["max_tokens"] for d in mine} == {32, 64}
         assert all(d["messages"][-1]["role"] == "user" and d["messages"][0]["role"] == "system" for d in mine)
     assert docs[0]["messages"][-1]["content"] != docs[6]["messages"][-1]["content"]  # bands start apart
     assert all(base_topology.tenants[d["tenant_id"]].max_priority.rank <= ["high", "medium", "low"].index(d["priority"])

