@@ -127,7 +127,7 @@ async def test_requests_a_dead_worker_held_are_counted_once_and_the_rest_are_not
     topology = custom_topology(base_topology, settings)
     group = "g-suspects"
     leave_marker(settings, topology, group, held_to=2)
-    ids = publish(settings, topology, [request() for _ in range(6)])  # one tenant: one partition, offsets 0-5
+    ids = publish(settings, topology, [request() for _ in range(6)], routing=False)  # one partition, offsets 0-5
     worker, task = spawn_worker(engine, settings.bootstrap_servers, topology, group_id=group, max_attempts=2)
     try:
         replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=6)}
@@ -153,7 +153,7 @@ async def test_a_request_a_dead_worker_held_is_given_up_at_the_attempt_limit(set
     topology = custom_topology(base_topology, settings)
     group = "g-poison"
     leave_marker(settings, topology, group, held_to=0)
-    ids = publish(settings, topology, [request() for _ in range(3)])
+    ids = publish(settings, topology, [request() for _ in range(3)], routing=False)  # one partition, offsets 0-2
     start_worker(topology, group_id=group, max_attempts=1)
     replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=3)}
     assert replies[ids[0]].error.code is ErrorCode.engine_error

@@ -108,8 +108,10 @@ async def collect(settings: Any, topology: Topology, tenant: str, expect: int, t
     return await asyncio.to_thread(read)
 
 
-def publish(settings: Any, topology: Topology, documents: list[dict[str, Any]]) -> list[str]:
-    with Producer(settings, topology, on_quota="off") as producer:
+def publish(settings: Any, topology: Topology, documents: list[dict[str, Any]], routing: bool = True) -> list[str]:
+    """Publish and wait for the acknowledgements; ``routing=False``: Kafka's key hash (one tenant,
+    one partition per band, offsets in publishing order)."""
+    with Producer(settings, topology, on_quota="off", routing=routing) as producer:
         futures = [producer.submit(doc) for doc in documents]
         return [f.result(timeout=30).request_id for f in futures]
 
@@ -120,9 +122,9 @@ class Publisher:
     up to 0.5 s for its producer id (librdkafka retries that on a fixed 500 ms timer when the
     client has no broker connection yet, which a brand-new client never has)."""
 
-    def __init__(self, settings: Any, topology: Topology):
+    def __init__(self, settings: Any, topology: Topology, routing: bool = True):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publisher")
-        self._producer = self._executor.submit(Producer, settings, topology, on_quota="off").result()
+        self._producer = self._executor.submit(Producer, settings, topology, on_quota="off", routing=routing).result()
         self._executor.submit(self._producer.connect).result()
 
     def _send(self, documents: list[dict[str, Any]]) -> list[str]:
