@@ -211,6 +211,7 @@ def prepare_smollm2(target_dir: Path | None = None, *, force: bool = False, chec
 
     def step(line: str) -> None:
         say(f"[{time.monotonic() - started:4.0f} s] {line}")
+
     _check_disk(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
