@@ -60,6 +60,7 @@ def test_samples_show_questions_and_truncated_answers_per_band(base_topology):
     assert all(len(line) <= 80 for line in lines)
     answers = " ".join(line.strip() for line in lines if not line.endswith(":") and "asked:" not in line)
     assert "Paris." in answers and "…" in answers
+    assert all(line.strip() != "…" for line in lines)  # the ellipsis stays with the last word
     assert answers.count("word") <= 3 * 24  # three long answers, each cut to 120 characters
 
 

@@ -124,6 +124,8 @@ def samples(replies: list[Reply], docs: list[dict[str, Any]], *, per_band: int =
                 answer = shorten(reply.text or "", answer_chars)
                 if reply.finish_reason == "length" and not answer.endswith("…"):
                     answer += " …"
+                if answer.endswith(" …"):
+                    answer = answer[:-2] + "\u00a0…"  # wrapped, the ellipsis stays on the last word's line
             else:
                 code = reply.error.code.value if reply.error else reply.status.value
                 answer = f"[{reply.status.value}: {code}: {reply.error.message if reply.error else ''}]"
