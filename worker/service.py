@@ -454,7 +454,7 @@ class Worker:
         holds only if partitions per band >= workers (see topics.yaml)."""
         held = {self.intake.topic_band[topic] for topic, _partition in self.intake.assigned}
         missing = [band.value for band in BAND_ORDER if band not in held]
-        if missing and self.intake.bands_assigned == set(BAND_ORDER):  # every band's member has joined
+        if missing and self.intake.assigned:
             log.warning("band_without_partitions", bands=missing,
                         why="more workers in the pool than partitions of these bands; raise their partitions "
                             "in topics.yaml and run `tierq topics create`")
