@@ -192,7 +192,8 @@ def columns(stream: TextIO) -> int:
 @contextlib.contextmanager
 def ticking(console: Console, label: str) -> Iterator[None]:
     """A progress line with the elapsed time while something without progress reports runs."""
-    bar = tqdm(total=None, desc=label, bar_format="{desc} {elapsed}", file=console.err, ncols=columns(console.err))
+    bar = tqdm(total=None, desc=label, bar_format="{desc} {elapsed}", file=console.err, ncols=columns(console.err),
+               disable=None)  # None: only on a terminal; a log file gets the plain lines around it
     stop = threading.Event()
 
     def tick() -> None:
@@ -235,7 +236,8 @@ async def _run(settings: WorkerSettings, topology: Topology, engine: Engine, doc
     bands = {band.value: 0 for band in BAND_ORDER}
     totals = {band.value: sum(1 for d in docs if d["priority"] == band.value) for band in BAND_ORDER}
     lock = threading.Lock()
-    bar = tqdm(total=len(docs), desc="requests answered", unit="req", file=console.err, ncols=columns(console.err))
+    bar = tqdm(total=len(docs), desc="requests answered", unit="req", file=console.err, ncols=columns(console.err),
+               disable=None)
 
     def collect(tenant: str, count: int) -> list[Reply]:
         got = []
