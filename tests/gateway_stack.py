@@ -59,19 +59,24 @@ async def gateway_stack(bootstrap: str, base_topology: Topology, engine: Any, st
     server_task = asyncio.get_running_loop().create_task(server.serve())
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(base_url=url) as probe:
-            for _ in range(600):
-                try:
-                    if (await probe.get("/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("gateway did not become ready")
+        await wait_until_ready(url)
         yield GatewayStack(url, keys, topology, settings)
     finally:
         server.should_exit = True
         await asyncio.wait_for(server_task, 30)
         worker_obj.request_stop()
         assert await asyncio.wait_for(worker_task, 60) == 0
+
+
+async def wait_until_ready(url: str) -> None:
+    """Poll the gateway's /readyz until it answers 200 (up to a minute)."""
+    async with httpx.AsyncClient(base_url=url) as probe:
+        for _ in range(600):
+            try:
+                if (await probe.get("/readyz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("gateway did not become ready")

@@ -37,6 +37,7 @@ from schemas.messages import Reply, Status
 from schemas.settings import Settings
 from schemas.tenants import hash_api_key, new_api_key
 from schemas.topology import Topology
+from tests.gateway_stack import wait_until_ready
 from tests.conftest import isolated_topology
 from tests.worker_fixtures import spawn_worker
 from tierq.cli import main
@@ -96,16 +97,7 @@ async def stack(bootstrap: str, base_topology: Topology, engine: Any,
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     server_task = asyncio.get_running_loop().create_task(server.serve())
     url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url) as probe:
-        for _ in range(600):
-            try:
-                if (await probe.get("/readyz")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("gateway did not become ready")
+    await wait_until_ready(url)
     yield Stack(url, keys, topology, settings, worker, app.state.gateway)
     server.should_exit = True
     await asyncio.wait_for(server_task, 30)
