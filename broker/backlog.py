@@ -163,6 +163,9 @@ class BacklogReader:
         if not self._closed:
             self._closed = True
             self._consumer.close()
+            # AdminClient has no close(): dropping our reference destroys its librdkafka handle, which
+            # would otherwise keep reconnecting to a stopped broker and logging about it
+            del self._admin
 
     def __enter__(self) -> BacklogReader:
         return self
