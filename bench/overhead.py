@@ -11,7 +11,14 @@ pipeline's fill and drain latency) and steady state (completions per second betw
 the 90th percentile completion, the sustained rate). Unless ``--no-pin``, everything but vLLM's
 model process is kept off the model's cores for both phases (``bench.common.keep_off_model_cores``).
 
+Where the time goes, per phase of every round (``bench.diag``): the engine's own steps from vLLM's
+scheduler stats (steps per request, sequences per step, requests inside the engine over time),
+the worker loop's turns per request, and CPU by process (this process split by thread group,
+vLLM's engine core and model processes, broker, load) and by core. ``--hog N`` runs N busy loops
+on every core beside both phases, the contention a shared machine brings.
+
     .venv/bin/python -m bench.overhead --requests 1000 --out bench/results/overhead-cpu.json
+    .venv/bin/python -m bench.overhead --requests 300 --repeat 3 --hog 1 --out bench/results/overhead-cpu-diag-hog.json
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import keep_off_model_cores, topology
+from bench.diag import CpuMeter, EngineSteps, start_hogs, stop_hogs
+from bench.poolkit import git_head, machine_info, other_processes
 from broker.embedded import EmbeddedBroker
 from producer.client import Producer
 from producer.collector import ResultCollector
@@ -97,9 +106,11 @@ def _load(bootstrap: str, topology_doc: dict, docs: list[dict], ready: Any, go: 
 
 
 async def through_kafka(settings: WorkerSettings, topology: Topology, engine: Engine, docs: list[dict],
-                        broker: EmbeddedBroker) -> tuple[float, int, dict[str, float], list[float]]:
+                        broker: EmbeddedBroker, meter: CpuMeter,
+                        steps: EngineSteps) -> tuple[float, int, dict[str, float], list[float], dict[str, Any]]:
     """Requests through Kafka and the worker; returns (seconds, output tokens, CPU seconds by part,
-    reply arrival times), CPU counted from the first request on (not the worker's start and group join)."""
+    reply arrival times, diagnostics), CPU counted from the first request on (not the worker's start
+    and group join)."""
     worker = build_worker(settings, topology, engine)
     serving = asyncio.create_task(worker.run())
     spawn = multiprocessing.get_context("spawn")
@@ -107,18 +118,31 @@ async def through_kafka(settings: WorkerSettings, topology: Topology, engine: En
     load = spawn.Process(target=_load, args=(settings.bootstrap_servers, topology.model_dump(mode="json"), docs,
                                              ready, go, results), daemon=True)
     load.start()
+    meter.load_pid = load.pid
     while not (worker.intake.assigned and ready.is_set()):
         assert load.is_alive(), "the load process died"
         await asyncio.sleep(0.05)
     before = cpu_seconds(broker)
+    detail = meter.read()
+    turns, timer_turns, admit_turns = worker.turns, worker.timer_turns, worker.admit_turns
+    first_step, t0 = steps.mark(), time.perf_counter()
     go.set()
     elapsed, answered, tokens, load_cpu, arrived = await asyncio.to_thread(results.get, True, 900)
+    last_step = steps.mark()
     cpu = cpu_used_since(before, broker)
+    detail = CpuMeter.since(detail, meter.read())
+    n = len(docs)
+    diag = {"loop": {"turns": worker.turns - turns, "turns_per_request": round((worker.turns - turns) / n, 2),
+                     "timer_woken_share": round((worker.timer_turns - timer_turns) / max(1, worker.turns - turns), 3),
+                     "admitting_turns": worker.admit_turns - admit_turns,
+                     "admitted_per_admitting_turn": round(n / max(1, worker.admit_turns - admit_turns), 2)},
+            "engine": steps.summary(first_step, last_step, n, t0, settings.max_num_seqs),
+            "cpu": detail}
     load.join(30)
     worker.request_stop()
     await serving
     assert answered == len(docs), f"only {answered} of {len(docs)} replies"
-    return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}, arrived
+    return elapsed, tokens, {**cpu, "load": round(load_cpu, 3)}, arrived, diag
 
 
 def plot(rounds: list[dict[str, Any]], median: dict[str, Any], out: Path) -> None:
@@ -150,7 +174,8 @@ def plot(rounds: list[dict[str, Any]], median: dict[str, Any], out: Path) -> Non
 
 
 def cpu_seconds(broker: EmbeddedBroker) -> dict[str, float]:
-    """CPU time so far of this process, of the engine's processes and of the broker."""
+    """CPU time so far of this process, of the engine's processes (vLLM's engine core and model
+    process: not the load process or the hogs, also children of this one) and of the broker."""
     import psutil  # a vLLM dependency
 
     def used(process: psutil.Process) -> float:
@@ -160,9 +185,15 @@ def cpu_seconds(broker: EmbeddedBroker) -> dict[str, float]:
             return 0.0
         return times.user + times.system
 
+    def is_engine(process: psutil.Process) -> bool:
+        try:
+            return process.name().startswith("VLLM::")
+        except psutil.Error:
+            return False
+
     me = psutil.Process()
     broker_pid = broker.pid
-    children = [c for c in me.children(recursive=True) if c.pid != broker_pid]
+    children = [c for c in me.children(recursive=True) if c.pid != broker_pid and is_engine(c)]
     return {"client": used(me), "engine": sum(used(c) for c in children),
             "broker": used(psutil.Process(broker_pid)) if broker_pid else 0.0}
 
@@ -171,6 +202,46 @@ def cpu_used_since(before: dict[str, float], broker: EmbeddedBroker) -> dict[str
     """CPU seconds by part since ``before`` (a ``cpu_seconds`` reading)."""
     after = cpu_seconds(broker)
     return {part: round(after[part] - before[part], 3) for part in before}
+
+
+def _per_request_ms(cpu: dict[str, Any], n: int) -> dict[str, float]:
+    return {role: round(s * 1000 / n, 3) for role, s in cpu["by_role_s"].items()}
+
+
+def brief(round_: dict[str, Any], n: int) -> dict[str, Any]:
+    """One line per round: batch, steps, in-engine, loop turns and CPU ms per request, both phases."""
+    out: dict[str, Any] = {}
+    for side in ("direct", "tierq"):
+        d = round_[f"{side}_diag"]
+        e = d["engine"]
+        out[side] = {"batch": e.get("batch_mean"), "steps/req": e.get("steps_per_request"),
+                     "in_engine": e.get("in_engine_mean"), "step_ms": e.get("step_ms_p50"),
+                     "cpu_ms/req": {k: v for k, v in _per_request_ms(d["cpu"], n).items() if v >= 0.01}}
+        if "loop" in d:
+            out[side]["turns/req"] = d["loop"]["turns_per_request"]
+    return out
+
+
+def diagnosis(rounds: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """Medians over rounds of the per-phase diagnostics, side by side."""
+    med = statistics.median
+    result: dict[str, Any] = {}
+    for side in ("direct", "tierq"):
+        diags = [r[f"{side}_diag"] for r in rounds]
+        engine = {key: med(d["engine"][key] for d in diags)
+                  for key in ("steps_per_request", "batch_mean", "batch_mean_nonempty", "batch_full_share",
+                              "in_engine_mean", "waiting_mean", "step_ms_mean", "step_ms_p50")
+                  if all(d["engine"].get(key) is not None for d in diags)}
+        roles = sorted({role for d in diags for role in d["cpu"]["by_role_s"]})
+        cpu = {role: round(med(d["cpu"]["by_role_s"].get(role, 0.0) * 1000 / n for d in diags), 3) for role in roles}
+        cores = [round(med(d["cpu"]["core_busy_share"][i] for d in diags), 3)
+                 for i in range(len(diags[0]["cpu"]["core_busy_share"]))]
+        result[side] = {"engine": engine, "cpu_ms_per_request": cpu, "core_busy_share": cores}
+        if side == "tierq":
+            result[side]["loop"] = {key: med(d["loop"][key] for d in diags)
+                                    for key in ("turns_per_request", "timer_woken_share",
+                                                "admitted_per_admitting_turn")}
+    return result
 
 
 def main() -> None:
@@ -184,16 +255,24 @@ def main() -> None:
                         help="keep topics.yaml's reserved slots (low work then gets fewer engine slots than direct)")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave process placement to the OS (see bench.common.keep_off_model_cores)")
+    parser.add_argument("--hog", type=int, default=0, metavar="N",
+                        help="run N busy-loop processes (on every core) beside both phases: CPU contention")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
     configure(level="WARNING")
+    machine_at_start = machine_info()
+    others_at_start = other_processes()
     model = str(make_tiny_model(Path(".tierq/tiny-model")))
+    steps = EngineSteps()
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
-                                       extra={"enforce_eager": True}))
+                                       extra={"enforce_eager": True}), stat_loggers=[steps.factory()])
     placement = {} if args.no_pin else keep_off_model_cores()
+    hogs = start_hogs(args.hog)  # after the pinning: they may run on every core
     docs = documents(args.requests, args.max_tokens)
     rounds = []
     with EmbeddedBroker() as broker:
+        meter = CpuMeter(broker.pid)
+        meter.hog_pids = {h.pid for h in hogs}
         extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}
         settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots, **extra)
         capacity = args.slots + settings.engine_queue  # what the worker may keep in the engine
@@ -203,12 +282,17 @@ def main() -> None:
         try:
             loop.run_until_complete(direct(engine, docs[:50], capacity))  # warm-up
             for round_ in range(args.repeat):  # alternate, so drift hits both sides alike
+                load_before = [round(x, 2) for x in os.getloadavg()]
                 topo = topology(broker.bootstrap, **band_changes)  # fresh topics each round
                 before = cpu_seconds(broker)
+                detail = meter.read()
+                first_step, t0 = steps.mark(), time.perf_counter()
                 direct_s, direct_tokens, direct_done = loop.run_until_complete(direct(engine, docs, capacity))
                 direct_cpu = cpu_used_since(before, broker)
-                kafka_s, kafka_tokens, kafka_cpu, kafka_done = loop.run_until_complete(
-                    through_kafka(settings, topo, engine, docs, broker))
+                direct_diag = {"engine": steps.summary(first_step, steps.mark(), len(docs), t0, args.slots),
+                               "cpu": CpuMeter.since(detail, meter.read())}
+                kafka_s, kafka_tokens, kafka_cpu, kafka_done, kafka_diag = loop.run_until_complete(
+                    through_kafka(settings, topo, engine, docs, broker, meter, steps))
                 direct_steady, kafka_steady = steady_rate(direct_done), steady_rate(kafka_done)
                 rounds.append({"direct_s": round(direct_s, 3), "tierq_s": round(kafka_s, 3),
                                "direct_tokens": direct_tokens, "tierq_tokens": kafka_tokens,
@@ -217,10 +301,14 @@ def main() -> None:
                                "direct_steady_rps": round(direct_steady, 1),
                                "tierq_steady_rps": round(kafka_steady, 1),
                                "steady_ratio": round(kafka_steady / direct_steady, 3),
+                               "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                               "direct_diag": direct_diag, "tierq_diag": kafka_diag,
                                "direct_done": direct_done, "tierq_done": kafka_done})
-                print({k: v for k, v in rounds[-1].items() if not k.endswith("_done")}, flush=True)
+                print({k: v for k, v in rounds[-1].items() if not k.endswith(("_done", "_diag"))}, flush=True)
+                print(" ", brief(rounds[-1], len(docs)), flush=True)
         finally:
             loop.close()
+            stop_hogs(hogs)
     engine.shutdown()
     best = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the median round
     n = args.requests
@@ -245,6 +333,12 @@ def main() -> None:
                                           for r in rounds), 3)
             for part in ("client", "engine", "broker")},
         "load_cpu_ms_per_request": round(statistics.median(r["tierq_cpu_s"]["load"] * 1000 / n for r in rounds), 3),
+        "hogs": args.hog, "hog_placement": "every core" if args.hog else None,
+        "machine_info": machine_at_start, "git": git_head(),
+        "other_processes_at_start": others_at_start, "other_processes_at_end": other_processes(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        # medians over rounds, direct vs tierq: see bench.diag and README "Where the Kafka path's time goes"
+        "diagnosis": diagnosis(rounds, n),
         "rounds": [{k: v for k, v in r.items() if not k.endswith("_done")} for r in rounds],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

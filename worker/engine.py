@@ -219,8 +219,12 @@ class Engine:
         self.max_model_len = max_model_len
 
     @classmethod
-    def start(cls, config: EngineConfig) -> Engine:
-        """Build the engine (tens of seconds on the CPU); raise ``EngineStartError`` with the cause."""
+    def start(cls, config: EngineConfig, stat_loggers: list[Any] | None = None) -> Engine:
+        """Build the engine (tens of seconds on the CPU); raise ``EngineStartError`` with the cause.
+
+        ``stat_loggers``: vLLM stat logger factories (``(vllm_config, engine_index) -> StatLoggerBase``),
+        called with the engine's per-step scheduler stats; with any, vLLM computes its stats each step
+        (a little CPU in the engine core and here) even though ``disable_log_stats`` stays set."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -230,7 +234,7 @@ class Engine:
                 f"vLLM is not installed ({exc}); install tierq[cpu] or tierq[gpu]"
             ) from None
         try:
-            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_args()))
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_args()), stat_loggers=stat_loggers)
         except Exception as exc:  # vLLM raises many types here; all mean "cannot start"
             raise EngineStartError(f"cannot start vLLM for model {config.model!r}: {exc}") from exc
         engine = cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len)
