@@ -70,7 +70,7 @@ class DeliveryFuture:
     cannot wait forever for a poll that nobody makes. Use from the producer's thread.
     """
 
-    __slots__ = ("request_id", "_producer", "_message", "_error", "_callbacks")
+    __slots__ = ("request_id", "_producer", "_message", "_error", "_callbacks", "_lane")
 
     def __init__(self, request_id: str, producer: Producer):
         self.request_id = request_id
@@ -78,6 +78,8 @@ class DeliveryFuture:
         self._message: confluent_kafka.Message | None = None
         self._error: DeliveryError | None = None
         self._callbacks: list[Callable[[DeliveryFuture], None]] = []
+        #: (router, tenant, topic, partition) when the router chose the partition: told the outcome
+        self._lane: tuple[LaneRouter, str, str, int] | None = None
 
     def done(self) -> bool:
         return self._message is not None or self._error is not None
@@ -92,6 +94,9 @@ class DeliveryFuture:
             self._error = DeliveryError(f"request {self.request_id}: {err.str()}")
         else:
             self._message = msg
+        if self._lane is not None:
+            router, tenant, topic, partition = self._lane
+            router.delivered(tenant, topic, partition, msg.offset() if err is None else None)
         for callback in self._callbacks:
             callback(self)
 
@@ -239,20 +244,28 @@ class Producer:
                                  "(Kafka's default message size); shorten the prompt")
         future = DeliveryFuture(request.request_id, self)
         tenant = request.tenant_id.encode()
-        partition = (self._lane_router().partition_for(request.tenant_id, request.pool, request.priority)
-                     if self._routing else None)
-        self._produce(
-            self._topics[(request.pool, request.priority)],
-            **({"partition": partition} if partition is not None else {}),
-            key=tenant,
-            value=value,
-            headers=[
-                ("request_id", request.request_id.encode()),
-                ("tenant_id", tenant),
-                ("priority", request.priority.value.encode()),
-            ],
-            on_delivery=future._resolve,
-        )
+        topic = self._topics[(request.pool, request.priority)]
+        router = self._lane_router() if self._routing else None
+        partition = router.partition_for(request.tenant_id, request.pool, request.priority) if router else None
+        if router is not None and partition is not None:
+            future._lane = (router, request.tenant_id, topic, partition)
+        try:
+            self._produce(
+                topic,
+                **({"partition": partition} if partition is not None else {}),
+                key=tenant,
+                value=value,
+                headers=[
+                    ("request_id", request.request_id.encode()),
+                    ("tenant_id", tenant),
+                    ("priority", request.priority.value.encode()),
+                ],
+                on_delivery=future._resolve,
+            )
+        except BaseException:
+            if future._lane is not None:  # never written: no delivery report will come
+                router.delivered(request.tenant_id, topic, partition, None)  # type: ignore[union-attr, arg-type]
+            raise
         return future
 
     def submit(self, document: Mapping[str, Any] | Request) -> DeliveryFuture:

@@ -1,20 +1,40 @@
 """Load-aware routing: which partition of its band topic a request goes to.
 
-Each request goes to the lane (schemas.lanes) where it would wait least: the lane's backlog
-as last read (end offset minus the pool group's committed offset, refreshed in the background
-about once a second by ``broker.backlog.BacklogReader``, which reads true end offsets even on
-Tansu) plus what this producer sent there since, divided by the rate at which that lane's
-committed offset has been advancing while it had work (an average over the readings). So a
-partition whose worker is slow, shared with more partitions, or dead (no progress) gets fewer
-requests, in proportion. Lanes whose drain rate is not known yet count at the average rate of
-the others; with no rate known at all, the backlog alone decides, and a new producer with no
-reading spreads its requests evenly by its own counts. The record key stays the tenant id, so
-the contract is unchanged for clients that only set the key.
+Each request goes to the lane (schemas.lanes) where *its tenant's* request would wait least.
+What a new record of tenant T on partition P waits for, the larger of:
 
-Least-loaded of all lanes rather than the power of two choices: under a flood, another
-tenant has only a few lanes with no flood backlog, and two random picks would often miss
-them. Several producers can herd onto the same empty lane between two readings; each one's
-own counts spread it, and the next reading corrects the rest.
+- **the part of P's backlog the worker cannot have read yet**: workers read each partition up
+  to ``read_ahead`` records ahead (``TIERQ_READ_AHEAD_PER_PARTITION``, worker.intake), so
+  records beyond that are in front of T's whatever their tenant. P's backlog is the last
+  reading (end offset minus the pool group's committed offset, refreshed in the background
+  about once a second by ``broker.backlog.BacklogReader``, which reads true end offsets even
+  on Tansu) plus what this producer sent there since;
+- **T's own requests there not done yet**: this producer's records of T on P that are not
+  acknowledged yet or at or past P's committed offset (delivery reports give the offsets).
+
+Other tenants' records within the read-ahead are *not* counted: the worker has them in its
+buffer and shares its slots fairly between tenants (worker.admission), so they do not stand in
+front of T's. Counting them (as this router did before) sends a small tenant away from every
+partition a flood fills, onto the few lanes it alone uses, hence onto few workers.
+
+That count is divided by the rate at which P's committed offset has been advancing while it had
+work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` without work), so a partition whose worker is slow, shared with more
+partitions, or dead (backlog and no progress) gets fewer requests, in proportion. Lanes whose
+drain rate is not known yet count at the average rate of the others; with no rate known at
+all the counts alone decide, so a new producer spreads a tenant's requests evenly over its
+lanes. The record key stays the tenant id, so the contract is unchanged for clients that only
+set the key.
+
+Known approximations: a tenant's records done out of order (fair share serves them before
+older records of others) count as outstanding until the committed offset passes them, which
+leans a tenant slightly away from partitions it shares with a flood; requests of the same
+tenant from other producers are seen only as backlog beyond the read-ahead; a rate is the
+partition's, not the tenant's share of it.
+
+Least-loaded of all lanes rather than the power of two choices: the choice is per tenant and
+cheap (a few dozen lanes), and it spreads a burst exactly. Several producers can herd onto the
+same lane between two readings; each one's own counts spread it, and the next reading
+corrects the rest.
 """
 
 from __future__ import annotations
@@ -22,13 +42,14 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 
 from broker.topics import PartitionKey
-from schemas.lanes import tenant_lanes
+from schemas.lanes import READ_AHEAD_PER_PARTITION, tenant_lanes
 from schemas.messages import Band
 from schemas.topology import Topology
 
@@ -45,6 +66,27 @@ REFRESH_S = 1.0
 RATE_SMOOTHING = 0.5
 #: drain rate (records/s) below which a lane with backlog counts as stalled (its worker is gone)
 STALLED_RATE = 0.01
+#: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
+#: one measured from a few records long ago, of a worker whose load has changed since, misleads)
+RATE_IDLE_FORGET_S = 3.0
+#: acknowledged offsets kept per (tenant, partition) while no reading prunes them (the oldest go first)
+MAX_TRACKED = 65536
+
+
+class _Mine:
+    """This producer's records of one tenant in one partition that the pool may not have done."""
+
+    __slots__ = ("unacked", "offsets")
+
+    def __init__(self) -> None:
+        self.unacked = 0  # sent, no delivery report yet
+        self.offsets: deque[int] = deque(maxlen=MAX_TRACKED)  # acknowledged, not known committed
+
+    def outstanding(self, committed: int) -> int:
+        offsets = self.offsets
+        while offsets and offsets[0] < committed:
+            offsets.popleft()
+        return self.unacked + len(offsets)
 
 
 class LaneRouter:
@@ -52,18 +94,23 @@ class LaneRouter:
     the backlog reading runs on a daemon thread of its own and swaps in whole snapshots."""
 
     def __init__(self, topology: Topology, partition_count: PartitionCounter, backlog: BacklogSource | None,
-                 refresh_s: float = REFRESH_S):
+                 refresh_s: float = REFRESH_S, read_ahead: int = READ_AHEAD_PER_PARTITION):
         self.topology = topology
+        self.read_ahead = read_ahead
         self._partition_count = partition_count
         self._backlog_source = backlog
         self._refresh_s = refresh_s
         self._lanes: dict[tuple[str, str, int], list[int]] = {}
         self._counts: dict[str, int] = {}
         self._snapshot: Mapping[PartitionKey, int] = {}
+        self._committed: Mapping[PartitionKey, int] = {}
         self._rates: dict[PartitionKey, float] = {}
+        self._idle_since: dict[PartitionKey, float] = {}
         self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
         self._snapshot_seen: Mapping[PartitionKey, int] | None = None
-        self._sent: dict[PartitionKey, int] = {}
+        self._sent: dict[PartitionKey, int] = {}  # all tenants', since the last reading
+        self._mine: dict[tuple[str, PartitionKey], _Mine] = {}
+        self._lock = threading.Lock()  # _mine: delivery reports may come on another thread
         self._topics = sorted({t for pool in topology.pools for t in topology.pool_topics(pool).values()})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +134,10 @@ class LaneRouter:
             for tp, (backlog, committed) in reading.items():
                 if backlog == 0 and rates.get(tp, 1.0) <= STALLED_RATE:
                     del rates[tp]  # drained after all (its worker is back): measure it afresh
+                if backlog > 0:
+                    self._idle_since.pop(tp, None)
+                elif now - self._idle_since.setdefault(tp, now) >= RATE_IDLE_FORGET_S:
+                    rates.pop(tp, None)
                 old = before.get(tp)
                 if old is None or old[0] == 0 or elapsed <= 0:
                     continue  # nothing to drain: its rate says nothing
@@ -95,6 +146,7 @@ class LaneRouter:
                 rates[tp] = measured if known is None else (1 - RATE_SMOOTHING) * known + RATE_SMOOTHING * measured
         self._previous = reading, now
         self._rates = rates
+        self._committed = {tp: committed for tp, (_backlog, committed) in reading.items()}
         self._snapshot = {tp: backlog for tp, (backlog, _committed) in reading.items()}
 
     def _refresh_forever(self) -> None:
@@ -134,9 +186,10 @@ class LaneRouter:
         return lanes
 
     def partition_for(self, tenant_id: str, pool: str, band: Band) -> int | None:
-        """The least-loaded lane; None when the topic's partitions are not known yet (Kafka's
-        partitioner then places the record by its key)."""
-        snapshot = self._snapshot
+        """The lane where the tenant's request would wait least (see the module doc); None when the
+        topic's partitions are not known yet (Kafka's partitioner then places the record by its key).
+        Call ``delivered`` with the record's delivery report."""
+        snapshot, committed = self._snapshot, self._committed
         if snapshot is not self._snapshot_seen:  # a new reading includes what we sent before it
             self._snapshot_seen = snapshot
             self._sent.clear()
@@ -150,21 +203,42 @@ class LaneRouter:
         known = [rates[(topic, p)] for p in lanes if (topic, p) in rates]
         average = sum(known) / len(known) if known else None
         best_wait, best = None, []
-        for partition in lanes:
-            tp = (topic, partition)
-            load = snapshot.get(tp, 0) + self._sent.get(tp, 0)
-            if average is None:
-                wait = float(load)
-            else:
-                rate = rates.get(tp, average)
-                wait = (load + 1) / rate if rate > STALLED_RATE else float("inf") if load else 1 / STALLED_RATE
-            if best_wait is None or wait < best_wait:
-                best_wait, best = wait, [partition]
-            elif wait == best_wait:
-                best.append(partition)
-        choice = best[0] if len(best) == 1 else random.choice(best)
-        self._sent[(topic, choice)] = self._sent.get((topic, choice), 0) + 1
+        with self._lock:
+            for partition in lanes:
+                tp = (topic, partition)
+                load = snapshot.get(tp, 0) + self._sent.get(tp, 0)
+                mine = self._mine.get((tenant_id, tp))
+                own = mine.outstanding(committed.get(tp, 0)) if mine else 0
+                # own records sit in the backlog too: each is counted once
+                ahead = max(own, load - self.read_ahead)
+                if average is None:
+                    wait = float(ahead)
+                else:
+                    rate = rates.get(tp, average)
+                    wait = (ahead + 1) / rate if rate > STALLED_RATE else float("inf") if load else 1 / STALLED_RATE
+                if best_wait is None or wait < best_wait:
+                    best_wait, best = wait, [partition]
+                elif wait == best_wait:
+                    best.append(partition)
+            choice = best[0] if len(best) == 1 else random.choice(best)
+            tp = (topic, choice)
+            mine = self._mine.get((tenant_id, tp))
+            if mine is None:
+                mine = self._mine[(tenant_id, tp)] = _Mine()
+            mine.unacked += 1
+        self._sent[tp] = self._sent.get(tp, 0) + 1
         return choice
+
+    def delivered(self, tenant_id: str, topic: str, partition: int, offset: int | None) -> None:
+        """The delivery report of a record ``partition_for`` placed: its offset, or None when it
+        was not written (it then counts no more)."""
+        with self._lock:
+            mine = self._mine.get((tenant_id, (topic, partition)))
+            if mine is None:
+                return
+            mine.unacked = max(0, mine.unacked - 1)
+            if offset is not None and offset >= 0:
+                mine.offsets.append(offset)
 
     def close(self) -> None:
         self._stop.set()

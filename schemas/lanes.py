@@ -27,6 +27,12 @@ import math
 #: a tenant's lanes per band when its config says nothing: this share of the band's partitions
 DEFAULT_LANE_SHARE = 0.75
 
+#: records a worker reads ahead of each partition's oldest unstarted request by default
+#: (``TIERQ_READ_AHEAD_PER_PARTITION``): past a flood to the other tenants' requests behind it, so
+#: that its fair share sees them. Routers count a lane's backlog beyond it as what blocks a request
+#: whatever its tenant (the worker cannot have read it yet).
+READ_AHEAD_PER_PARTITION = 256
+
 
 def lane_count(partitions: int, lanes: int | None) -> int:
     """How many lanes a tenant has in a band of ``partitions`` (configured, or the default share)."""

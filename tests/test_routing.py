@@ -30,14 +30,14 @@ def test_growing_partitions_keeps_most_lanes():
 
 
 def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None,
-           committed: dict[tuple[str, int], int] | None = None) -> LaneRouter:
+           committed: dict[tuple[str, int], int] | None = None, **options: int) -> LaneRouter:
     """A router over a fake reading: ``backlog`` (and ``committed`` offsets) per partition."""
     counts = {topology.band_topic("default", band): topology.bands[band].partitions for band in Band}
 
     def source(topics: list[str]) -> dict[tuple[str, int], tuple[int, int]]:
         return {tp: (load, (committed or {}).get(tp, 0)) for tp, load in (backlog or {}).items()}
 
-    return LaneRouter(topology, counts.get, source if backlog is not None else None)
+    return LaneRouter(topology, counts.get, source if backlog is not None else None, **options)
 
 
 def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: Topology):
@@ -48,31 +48,69 @@ def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: 
     assert max(sent.values()) - min(sent.values()) <= 1
 
 
-def test_the_less_loaded_lane_gets_the_requests(base_topology: Topology):
+def test_backlog_the_workers_cannot_have_read_yet_counts_against_a_lane(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.low)
     lanes = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
     idle = lanes[0]
     backlog = {(topic, p): 50 for p in lanes}
     backlog[(topic, idle)] = 0
-    routing = router(base_topology, backlog)
+    routing = router(base_topology, backlog, read_ahead=10)
     routing.refresh()
     chosen = [routing.partition_for("acme", "default", Band.low) for _ in range(60)]
-    # the idle lane takes every request until its load (backlog + sent) reaches the others'
-    assert chosen[:50] == [idle] * 50
-    assert len(set(chosen[50:])) > 1
+    # 40 records beyond the workers' read-ahead on every other lane: the idle lane takes every
+    # request until acme's own outstanding requests there reach those 40
+    assert chosen[:40] == [idle] * 40
+    assert len(set(chosen[40:])) > 1
 
 
-def test_a_new_reading_replaces_what_this_producer_counted(base_topology: Topology):
+def test_another_tenants_backlog_within_the_read_ahead_does_not_push_a_tenant_away(base_topology: Topology):
+    """The pool fairness case: acme floods its lanes; the worker reads past acme's records and
+    shares its slots, so globex keeps using all its lanes (hence all workers), not only the few
+    acme leaves empty."""
+    topic = base_topology.band_topic("default", Band.low)
+    partitions = base_topology.bands[Band.low].partitions
+    acme, globex = tenant_lanes("acme", topic, partitions), tenant_lanes("globex", topic, partitions)
+    shared = set(acme) & set(globex)
+    assert shared and set(globex) - shared
+    backlog = {(topic, p): 40 if p in acme else 0 for p in range(partitions)}
+    routing = router(base_topology, backlog)
+    routing.refresh()
+    chosen = Counter(routing.partition_for("globex", "default", Band.low) for _ in range(4 * len(globex)))
+    assert chosen == Counter({p: 4 for p in globex})
+
+
+def test_a_tenants_own_requests_count_until_the_group_commits_past_them(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.high)
     lanes = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
     backlog = {(topic, p): 0 for p in lanes}
-    routing = router(base_topology, backlog)
+    committed = {(topic, p): 0 for p in lanes}
+    routing = router(base_topology, backlog, committed)
     routing.refresh()
     for _ in range(len(lanes) * 5):
-        routing.partition_for("acme", "default", Band.high)
-    backlog.update({(topic, p): 100 for p in lanes[1:]})  # the workers drained only lanes[0]
+        partition = routing.partition_for("acme", "default", Band.high)
+        routing.delivered("acme", topic, partition, committed[(topic, partition)])
+        committed[(topic, partition)] += 1  # the next offset there
+    first = lanes[0]
+    offsets_after = dict(committed)
+    committed.update({tp: 0 for tp in committed})
+    committed[(topic, first)] = offsets_after[(topic, first)]  # the workers did only lanes[0]'s five
+    backlog.update({(topic, p): 5 for p in lanes[1:]})
     routing.refresh()
-    assert routing.partition_for("acme", "default", Band.high) == lanes[0]
+    assert [routing.partition_for("acme", "default", Band.high) for _ in range(5)] == [first] * 5
+    # another tenant's records are not acme's: globex spreads over its lanes from the start
+    assert routing.partition_for("globex", "default", Band.high) is not None
+
+
+def test_a_record_not_written_stops_counting(base_topology: Topology):
+    topic = base_topology.band_topic("default", Band.high)
+    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
+    routing = router(base_topology)
+    sent = Counter(routing.partition_for("acme", "default", Band.high) for _ in range(5 * len(lanes)))
+    assert sent == Counter({p: 5 for p in lanes})  # unacknowledged: each counts
+    failed = lanes[-1]
+    for _ in range(5):
+        routing.delivered("acme", topic, failed, None)
+    assert [routing.partition_for("acme", "default", Band.high) for _ in range(5)] == [failed] * 5
 
 
 def test_configured_lanes_bound_a_tenant(base_topology: Topology):
@@ -117,3 +155,23 @@ def test_a_lane_with_backlog_and_no_progress_gets_nothing(base_topology: Topolog
         committed[(topic, p)] = 5
     routing.refresh()
     assert dead not in {routing.partition_for("acme", "default", Band.high) for _ in range(40)}
+
+
+def test_a_lane_idle_for_a_while_forgets_its_drain_rate(base_topology: Topology, monkeypatch):
+    topic = base_topology.band_topic("default", Band.low)
+    fast, slow, *others = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    lanes = [fast, slow, *others]
+    backlog = {(topic, p): 40 for p in lanes}
+    committed = {tp: 0 for tp in backlog}
+    clock = iter(range(100))
+    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
+    routing = router(base_topology, backlog, committed)
+    routing.refresh()
+    committed[(topic, fast)], committed[(topic, slow)] = 40, 1
+    routing.refresh()
+    assert Counter(routing.partition_for("acme", "default", Band.low) for _ in range(10))[slow] == 0
+    backlog.update({tp: 0 for tp in backlog})  # all drained: an old burst's rates say nothing now
+    for _ in range(4):
+        routing.refresh()
+    chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(10 * len(lanes)))
+    assert max(chosen.values()) - min(chosen.values()) <= 10 and chosen[slow] > 0

@@ -85,7 +85,7 @@ class FakeIntake:
         self._callbacks[1](partitions, False)
         self.assigned.difference_update(partitions)
 
-    def apply_backpressure(self, waiting: dict[Any, int], limit: int) -> None:
+    def apply_backpressure(self, waiting: dict[Any, int], waiting_bytes: int, read_ahead: Any) -> None:
         pass
 
     def paused_by_band(self) -> dict[Band, int]:

@@ -61,6 +61,8 @@ class Pending:
     seq: int = 0
     served_as: Band | None = field(default=None)
     slots: int = 1  # engine slots it takes: a request for n outputs runs n sequences
+    source: Any = None  # where it was read from (the worker: its partition), counted by ``waiting_by_source``
+    size: int = 0  # bytes it was read as, summed in ``waiting_bytes``
 
 
 class AdmissionPolicy:
@@ -90,6 +92,10 @@ class AdmissionPolicy:
         self._virtual_time = {band: 0.0 for band in BAND_ORDER}
         self._finish_tag: dict[Band, dict[str, float]] = {band: {} for band in BAND_ORDER}
         self._seq = itertools.count()
+        #: waiting requests per ``Pending.source`` and their bytes, kept as they come and go, so the
+        #: worker's read-ahead check costs nothing per loop turn however deep its buffer
+        self._by_source: dict[Any, int] = defaultdict(int)
+        self.waiting_bytes = 0
 
     def limit(self, band: Band) -> int:
         """In-flight requests below which a request of effective ``band`` may start."""
@@ -100,6 +106,8 @@ class AdmissionPolicy:
         item.promote_at = self._promotion_times(item) if self.aging else ()
         queue = self._queues.setdefault((item.band, item.tenant_id), [])
         bisect.insort(queue, item, key=_age_order)
+        self._by_source[item.source] += 1
+        self.waiting_bytes += item.size
         self._earliest_deadline = min(self._earliest_deadline, item.deadline_ts)
 
     def _promotion_times(self, item: Pending) -> tuple[float, ...]:
@@ -157,6 +165,7 @@ class AdmissionPolicy:
         best = best_queue.pop(0)
         if not best_queue:
             del self._queues[(best.band, best.tenant_id)]
+        self._gone(best)
         start = best_key[1]
         self._virtual_time[best_band] = start
         self._finish_tag[best_band][best.tenant_id] = start + best.cost
@@ -182,12 +191,26 @@ class AdmissionPolicy:
             gone = [item for item in queue if predicate(item)]
             if gone:
                 removed += gone
+                for item in gone:
+                    self._gone(item)
                 kept = [item for item in queue if not predicate(item)]
                 if kept:
                     self._queues[key] = kept
                 else:
                     del self._queues[key]
         return removed
+
+    def _gone(self, item: Pending) -> None:
+        left = self._by_source[item.source] - 1
+        if left:
+            self._by_source[item.source] = left
+        else:
+            del self._by_source[item.source]
+        self.waiting_bytes -= item.size
+
+    def waiting_by_source(self) -> dict[Any, int]:
+        """Waiting requests per ``Pending.source`` (a copy; kept up to date, no scan)."""
+        return dict(self._by_source)
 
     def waiting_by(self, key: Any) -> dict[Any, int]:
         """Waiting requests counted by ``key(item)`` (e.g. source partition)."""

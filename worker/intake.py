@@ -1,16 +1,23 @@
 """Kafka intake: one consumer on the pool's three band topics, with pause/resume backpressure.
 
-Work stays in Kafka until this worker has room for it: when a partition has
-``prefetch`` requests buffered, that partition alone is paused (``poll`` keeps running
-so the group does not rebalance us out) and resumed once half of them are admitted.
-Pausing per partition rather than per band matters for fairness: requests are keyed by
-tenant, so a tenant flooding its partition cannot stop another tenant's partition from
-being read.
+**Read-ahead.** The worker's fair share (worker.admission) can only choose among requests it
+has read, and a partition is read in order: a tenant's request queued behind another tenant's
+flood in the same partition is invisible until the flood's records before it are read. So the
+worker reads each partition well ahead of what it can start (``ReadAhead.ceiling``,
+``TIERQ_READ_AHEAD_PER_PARTITION``, default 256 requests), bounded by the bytes buffered in the
+whole worker (``ReadAhead.max_bytes``, ``TIERQ_READ_AHEAD_BYTES``): past that bound each
+partition holds at most ``ReadAhead.floor`` (``TIERQ_PREFETCH_PER_PARTITION``, twice slots +
+engine queue, so a partition resumed at half still holds a full engine's worth). A partition
+at its limit alone is paused (``poll`` keeps running so the group does not rebalance us out)
+and resumed at half. Reading ahead loses nothing: offsets are committed only up to the first
+request not yet answered (worker.offsets), so whatever a worker buffered but did not start is
+read again by the partition's next owner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import confluent_kafka
 import structlog
@@ -21,6 +28,37 @@ from schemas.messages import Band
 from schemas.settings import Settings
 
 log = structlog.get_logger("tierq.intake")
+
+
+@dataclass(frozen=True)
+class ReadAhead:
+    """How much of each partition the worker buffers (see the module doc)."""
+
+    #: requests a partition may always hold (TIERQ_PREFETCH_PER_PARTITION)
+    floor: int
+    #: requests a partition may hold at most (TIERQ_READ_AHEAD_PER_PARTITION)
+    ceiling: int
+    #: buffered bytes of the whole worker beyond which partitions are held to ``floor``
+    #: (TIERQ_READ_AHEAD_BYTES; 0: always, the small fixed prefetch of earlier versions)
+    max_bytes: int
+
+    def decide(self, waiting: Mapping[PartitionKey, int], waiting_bytes: int, assigned: Iterable[PartitionKey],
+               paused: set[PartitionKey]) -> tuple[list[PartitionKey], list[PartitionKey]]:
+        """Partitions to pause and to resume, from each one's buffered requests and the bytes of all.
+
+        Paused at ``ceiling``, or at ``floor`` once the bytes reach ``max_bytes``; resumed at half of
+        ``ceiling``, and (while the bytes are above 3/4 of ``max_bytes``) at half of ``floor``."""
+        over = waiting_bytes >= self.max_bytes
+        roomy = waiting_bytes <= self.max_bytes * 3 // 4 and not over
+        pause, resume = [], []
+        for tp in assigned:
+            count = waiting.get(tp, 0)
+            if tp not in paused:
+                if count >= self.ceiling or (over and count >= self.floor):
+                    pause.append(tp)
+            elif count <= self.ceiling // 2 and (roomy or count <= self.floor // 2):
+                resume.append(tp)
+        return pause, resume
 
 
 class Intake:
@@ -108,15 +146,10 @@ class Intake:
                 log.warning("consumer_error", error=error.str())
         return good
 
-    def apply_backpressure(self, waiting: dict[PartitionKey, int], limit: int) -> None:
-        """Pause partitions holding ``limit`` buffered requests; resume them at half."""
-        pause, resume = [], []
-        for tp in self.assigned:
-            count = waiting.get(tp, 0)
-            if tp not in self.paused and count >= limit:
-                pause.append(tp)
-            elif tp in self.paused and count <= limit // 2:
-                resume.append(tp)
+    def apply_backpressure(self, waiting: Mapping[PartitionKey, int], waiting_bytes: int,
+                           read_ahead: ReadAhead) -> None:
+        """Pause and resume partitions by ``read_ahead``'s rule (``ReadAhead.decide``)."""
+        pause, resume = read_ahead.decide(waiting, waiting_bytes, self.assigned, self.paused)
         if pause:
             self.paused.update(pause)
             self._consumer.pause([TopicPartition(t, p) for t, p in pause])

@@ -35,7 +35,7 @@ from worker.admission import AdmissionPolicy, Pending, band_rules
 from worker.attempts import AttemptsLedger
 from worker.control import CancelBook, ControlReader
 from worker.engine import EngineAdapter, EngineDead, EngineRequestError, Progress, RequestRejected
-from worker.intake import Intake
+from worker.intake import Intake, ReadAhead
 from worker.offsets import OffsetTracker
 from worker.poison import Attempt, PoisonGuard
 from worker.pool_caps import pool_caps
@@ -62,10 +62,6 @@ class Buffered(NamedTuple):
     received_at: datetime
 
 
-def _source_partition(item: Pending) -> PartitionKey:
-    return item.payload.tp
-
-
 class Worker:
     """One worker process: drains one pool into one engine."""
 
@@ -84,6 +80,7 @@ class Worker:
             tenant_caps={},  # pool-wide caps are derived from the partitions held (_derive_caps)
             aging=settings.aging,
         )
+        self.read_ahead = ReadAhead(settings.prefetch, settings.read_ahead, settings.read_ahead_bytes)
         self.triage = Triage(self.pool, topology.tenants, engine, settings.max_attempts)
         self.replies = ReplyBuilder(settings.worker_id)
         self.reloader = reloader
@@ -184,7 +181,7 @@ class Worker:
         return 0
 
     def _intake_turn(self) -> None:
-        """Fetch what arrived, triage it, expire and admit; pause partitions that are full."""
+        """Fetch what arrived, triage it, expire and admit; pause partitions read far enough ahead."""
         messages = self.intake.poll()
         if self.fatal:  # an assignment we cannot serve safely
             return
@@ -197,7 +194,8 @@ class Worker:
         self._expire(now)
         self._admit(now)
         if messages or self.intake.paused:  # buffers only grow on intake, only shrink to resume
-            self.intake.apply_backpressure(self.policy.waiting_by(_source_partition), self.settings.prefetch)
+            self.intake.apply_backpressure(self.policy.waiting_by_source(), self.policy.waiting_bytes,
+                                           self.read_ahead)
 
     def _drained_or_out_of_time(self) -> bool:
         assert self._stop_requested_at is not None
@@ -253,7 +251,7 @@ class Worker:
                 request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
                 cost=len(verdict.prompt_ids) + request.params.max_tokens * request.params.n, deadline_ts=deadline,
                 payload=Buffered(request, verdict.prompt_ids, tp, offset, done, received_at),
-                slots=request.params.n,
+                slots=request.params.n, source=tp, size=len(msg.value() or b""),
             ))
         elif isinstance(verdict, Answer):
             log.info("request_rejected", request_id=verdict.request_id, tenant=verdict.tenant_id,

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from schemas.lanes import READ_AHEAD_PER_PARTITION
 from schemas.settings import Settings
 from worker.models import default_models_dir
 from worker.simulated import SimParams
@@ -56,7 +57,16 @@ class WorkerSettings(Settings):
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}/cpu")
     prefetch_per_partition: int | None = Field(
         default=None, ge=1,
-        description="buffered requests per source partition (default: twice slots + engine_queue)")
+        description="buffered requests a source partition may always hold, even when the buffer is over "
+                    "read_ahead_bytes (default: twice slots + engine_queue)")
+    read_ahead_per_partition: int = Field(
+        default=READ_AHEAD_PER_PARTITION, ge=1,
+        description="buffered requests per source partition at most: read past a flood to the requests of "
+                    "other tenants behind it, so the fair share sees them")
+    read_ahead_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=0,
+        description="buffered request bytes (as read from Kafka) of the whole worker beyond which partitions "
+                    "are held to prefetch_per_partition (memory bound; a request costs ~10x its bytes in memory)")
     max_attempts: int = Field(default=3, ge=1, description="engine attempts before a request is dead-lettered")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace period for in-flight requests")
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
@@ -72,6 +82,11 @@ class WorkerSettings(Settings):
         """A paused partition resumes at half this, still holding a full engine's worth: the
         engine keeps busy while the next fetch is on its way (a fetch can take fetch.wait.max.ms)."""
         return self.prefetch_per_partition or 2 * (self.max_num_seqs + self.engine_queue)
+
+    @property
+    def read_ahead(self) -> int:
+        """Per-partition ceiling of the buffer: never below ``prefetch``."""
+        return max(self.read_ahead_per_partition, self.prefetch)
 
     def model_dir_default(self) -> Path:
         return self.state_dir / "tiny-model"
