@@ -9,29 +9,19 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import confluent_kafka
-import httpx
 import openai
 import orjson
 import pytest
 import pytest_asyncio
-import uvicorn
 
-from broker.topics import create_topics
-from broker.embedded import free_port
-from producer.gateway.app import create_app
-from producer.gateway.settings import GatewaySettings
 from schemas.codec import decode_request
 from schemas.messages import Band
 from schemas.settings import Settings
-from schemas.tenants import hash_api_key, new_api_key
 from schemas.topology import Topology
-from tests.gateway_stack import wait_until_ready
-from tests.conftest import isolated_topology
+from tests.gateway_stack import GatewayStack, gateway_stack
 from tests.worker_fixtures import collect, spawn_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
@@ -47,47 +37,15 @@ TENANTS = {
 }
 
 
-@dataclass
-class Stack:
-    url: str
-    keys: dict[str, str]
-    topology: Topology
-    settings: Settings
-    engine: Any
-
-    def client(self, tenant: str, **kwargs: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[tenant], max_retries=0, **kwargs)
-
-    def http(self, tenant: str | None = None) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60)
+Stack = GatewayStack
 
 
 @pytest_asyncio.fixture(scope="module")
 async def stack(bootstrap: str, base_topology: Topology, engine: Any,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    keys = {tenant: new_api_key() for tenant in TENANTS}
-    document = isolated_topology(base_topology, f"gw{uuid.uuid4().hex[:8]}").model_dump(mode="json")
-    document["pools"]["vip"] = {"description": "dedicated to tenant vip"}
-    document["tenants"] = {t: {**cfg, "api_key_hashes": [hash_api_key(keys[t])]} for t, cfg in TENANTS.items()}
-    topology = Topology.model_validate(document)
-    state = tmp_path_factory.mktemp("gateway")
-    port = free_port()
-    settings = GatewaySettings(_env_file=None, bootstrap_servers=bootstrap, gateway_port=port, state_dir=state,
-                               topics_file=Path(state / "absent-topics.yaml"), tenants_file=state / "tenants.yaml",
-                               gateway_timeout_s=120)
-    create_topics(settings, topology)
-    worker, worker_task = spawn_worker(engine, bootstrap, topology, worker_id="test/default")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, topology), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    server_task = asyncio.get_running_loop().create_task(server.serve())
-    url = f"http://127.0.0.1:{port}"
-    await wait_until_ready(url)
-    yield Stack(url, keys, topology, settings, engine)
-    server.should_exit = True
-    await asyncio.wait_for(server_task, 30)
-    worker.request_stop()
-    assert await asyncio.wait_for(worker_task, 60) == 0
+    async with gateway_stack(bootstrap, base_topology, engine, tmp_path_factory.mktemp("gateway"), TENANTS,
+                             pools={"vip": "dedicated to tenant vip"}) as s:
+        yield s
 
 
 async def test_openai_client_gets_completions_and_chat(stack: Stack):

@@ -15,30 +15,21 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import orjson
 import pytest
 import pytest_asyncio
-import uvicorn
 import yaml
 
-from broker.embedded import free_port
-from broker.topics import create_topics
 from producer.client import Producer
 from producer.collector import ResultCollector
-from producer.gateway.app import create_app
-from producer.gateway.settings import GatewaySettings
 from schemas.messages import Reply, Status
 from schemas.settings import Settings
-from schemas.tenants import hash_api_key, new_api_key
 from schemas.topology import Topology
-from tests.gateway_stack import wait_until_ready
-from tests.conftest import isolated_topology
+from tests.gateway_stack import GatewayStack, gateway_stack
 from tests.worker_fixtures import spawn_worker
 from tierq.cli import main
 from worker.service import Worker
@@ -55,54 +46,15 @@ TENANTS = {
 }
 
 
-@dataclass
-class Stack:
-    url: str
-    keys: dict[str, str]
-    topology: Topology
-    settings: Settings
-    worker: Worker
-    gateway: Any
-
-    def client(self, tenant: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[tenant], max_retries=0, timeout=120)
-
-    def http(self, tenant: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {self.keys[tenant]}"},
-                                 timeout=120)
-
-    async def reply(self, request_id: str, timeout: float = 120) -> Reply:
-        """The request's reply as the gateway received it."""
-        reply = await self.gateway.bridge.wait_reply(request_id, timeout)
-        assert reply is not None, f"no reply for {request_id}"
-        return reply
+Stack = GatewayStack
 
 
 @pytest_asyncio.fixture(scope="module")
 async def stack(bootstrap: str, base_topology: Topology, engine: Any,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    keys = {tenant: new_api_key() for tenant in TENANTS}
-    document = isolated_topology(base_topology, f"st{uuid.uuid4().hex[:8]}").model_dump(mode="json")
-    document["pools"]["solo"] = {"description": "the SIGKILL test's own worker process"}
-    document["tenants"] = {t: {**cfg, "api_key_hashes": [hash_api_key(keys[t])]} for t, cfg in TENANTS.items()}
-    topology = Topology.model_validate(document)
-    state = tmp_path_factory.mktemp("stream-gateway")
-    port = free_port()
-    settings = GatewaySettings(_env_file=None, bootstrap_servers=bootstrap, gateway_port=port, state_dir=state,
-                               topics_file=Path(state / "absent-topics.yaml"), tenants_file=state / "tenants.yaml",
-                               gateway_timeout_s=120)
-    create_topics(settings, topology)
-    worker, worker_task = spawn_worker(engine, bootstrap, topology, worker_id="test/stream")
-    app = create_app(settings, topology)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    server_task = asyncio.get_running_loop().create_task(server.serve())
-    url = f"http://127.0.0.1:{port}"
-    await wait_until_ready(url)
-    yield Stack(url, keys, topology, settings, worker, app.state.gateway)
-    server.should_exit = True
-    await asyncio.wait_for(server_task, 30)
-    worker.request_stop()
-    assert await asyncio.wait_for(worker_task, 60) == 0
+    async with gateway_stack(bootstrap, base_topology, engine, tmp_path_factory.mktemp("stream-gateway"), TENANTS,
+                             pools={"solo": "the SIGKILL test's own worker process"}, worker_id="test/stream") as s:
+        yield s
 
 
 async def until(condition: Any, what: Any, timeout: float = 120) -> None:
