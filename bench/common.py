@@ -69,9 +69,11 @@ def stack(args: argparse.Namespace) -> Iterator[tuple[Engine, str]]:
         engine.shutdown()
 
 
-def keep_off_model_cores() -> dict[str, list[int]]:
+def keep_off_model_cores(engine_core_with_model: bool = False) -> dict[str, list[int]]:
     """Move this process (every thread) and its children, except vLLM's model process, off the
     cores vLLM's CPU backend binds the model to; processes started later inherit it.
+    ``engine_core_with_model``: put vLLM's engine core (the scheduler loop) on the model's cores
+    instead, so that nothing else (worker, broker, load) delays its turn between two model steps.
 
     vLLM pins its model process (``VLLM::Worker``) to its cores, but everything else (the engine
     core's scheduler loop, our event loop, the broker) floats, and on a small machine lands on the
@@ -89,13 +91,18 @@ def keep_off_model_cores() -> dict[str, list[int]]:
     rest = set(os.sched_getaffinity(0)) - model_cpus
     if not rest:
         return {}
+    core = [c for c in children if c.name().startswith("VLLM::EngineCore")] if engine_core_with_model else []
     for process in [me] + [c for c in children if c.pid != model[0].pid]:
+        cpus = model_cpus if any(process.pid == c.pid for c in core) else rest
         for thread in process.threads():
             try:
-                os.sched_setaffinity(thread.id, rest)
+                os.sched_setaffinity(thread.id, cpus)
             except OSError:
                 pass  # a thread that ended meanwhile
-    return {"model_cpus": sorted(model_cpus), "other_cpus": sorted(rest)}
+    placement = {"model_cpus": sorted(model_cpus), "other_cpus": sorted(rest)}
+    if core:
+        placement["engine_core_cpus"] = sorted(model_cpus)
+    return placement
 
 
 def topology(bootstrap: str, **band_changes: dict[str, Any]) -> Topology:

@@ -255,6 +255,8 @@ def main() -> None:
                         help="keep topics.yaml's reserved slots (low work then gets fewer engine slots than direct)")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave process placement to the OS (see bench.common.keep_off_model_cores)")
+    parser.add_argument("--engine-core-with-model", action="store_true",
+                        help="pin vLLM's engine core (scheduler) to the model's cores, the rest elsewhere")
     parser.add_argument("--hog", type=int, default=0, metavar="N",
                         help="run N busy-loop processes (on every core) beside both phases: CPU contention")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
@@ -266,7 +268,7 @@ def main() -> None:
     steps = EngineSteps()
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
                                        extra={"enforce_eager": True}), stat_loggers=[steps.factory()])
-    placement = {} if args.no_pin else keep_off_model_cores()
+    placement = {} if args.no_pin else keep_off_model_cores(args.engine_core_with_model)
     hogs = start_hogs(args.hog)  # after the pinning: they may run on every core
     docs = documents(args.requests, args.max_tokens)
     rounds = []
