@@ -17,9 +17,10 @@ buffer and shares its slots fairly between tenants (worker.admission), so they d
 front of T's. Counting them (as this router did before) sends a small tenant away from every
 partition a flood fills, onto the few lanes it alone uses, hence onto few workers.
 
-That count is divided by the rate at which P's committed offset has been advancing while it had
-work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` without work), so a partition whose worker is slow, shared with more
-partitions, or dead (backlog and no progress) gets fewer requests, in proportion. Lanes whose
+That count is divided by the rate at which P's committed offset has been advancing while it
+had work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` without work),
+so a partition whose worker is slow, shared with more partitions, or dead (backlog and no
+progress) gets fewer requests, in proportion. Lanes whose
 drain rate is not known yet count at the average rate of the others; with no rate known at
 all the counts alone decide, so a new producer spreads a tenant's requests evenly over its
 lanes. The record key stays the tenant id, so the contract is unchanged for clients that only
