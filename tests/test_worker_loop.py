@@ -59,6 +59,7 @@ class FakeIntake:
         self.paused: set[tuple[str, int]] = set()
         self.bands_assigned = set(TOPICS)
         self.queued: list[FakeMessage] = []
+        self.backpressure: tuple[dict[Any, int], int, Any] | None = None  # the last call's arguments
         self.committed: dict[tuple[str, int], int] = {}
         self._offsets = {tp: itertools.count() for tp in PARTITIONS}
         self._callbacks: tuple[Callable[..., None], Callable[..., None]] | None = None
@@ -86,7 +87,7 @@ class FakeIntake:
         self.assigned.difference_update(partitions)
 
     def apply_backpressure(self, waiting: dict[Any, int], waiting_bytes: int, read_ahead: Any) -> None:
-        pass
+        self.backpressure = dict(waiting), waiting_bytes, read_ahead
 
     def paused_by_band(self) -> dict[Band, int]:
         return {band: 0 for band in TOPICS}
@@ -306,6 +307,20 @@ async def test_the_best_band_starts_first_and_the_engine_never_holds_more_than_i
         h.engine.finish(rid(medium))
         await h.until(lambda: len(h.engine.started) == 3)
         assert h.engine.started[2] == rid(low)
+
+
+async def test_the_read_ahead_sees_buffered_requests_per_partition_and_their_bytes(base):
+    async with Harness(topology(base), slots=1) as h:
+        lows = [request("low") for _ in range(5)]
+        for low in lows:
+            h.publish(Band.low, low)
+        await h.until(lambda: len(h.engine.started) == 1, "one started")
+        await h.until(lambda: h.intake.backpressure is not None and sum(h.intake.backpressure[0].values()) == 4)
+        waiting, waiting_bytes, read_ahead = h.intake.backpressure  # type: ignore[misc]
+        assert waiting == {(TOPICS[Band.low], 0): 4}
+        assert waiting_bytes == sum(len(v) for v in lows if rid(v) not in h.engine.started)
+        # read far past the prefetch (2 x one slot) unless the buffer's bytes pass the bound
+        assert (read_ahead.floor, read_ahead.ceiling) == (2, 256) and read_ahead.max_bytes > waiting_bytes
 
 
 async def test_reserved_slots_let_a_high_start_while_lows_fill_the_rest(base):
