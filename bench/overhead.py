@@ -257,6 +257,8 @@ def main() -> None:
                         help="leave process placement to the OS (see bench.common.keep_off_model_cores)")
     parser.add_argument("--engine-core-with-model", action="store_true",
                         help="pin vLLM's engine core (scheduler) to the model's cores, the rest elsewhere")
+    parser.add_argument("--no-engine-stats", action="store_true",
+                        help="no vLLM stat logger (the engine then skips its per-step stats; no step figures)")
     parser.add_argument("--hog", type=int, default=0, metavar="N",
                         help="run N busy-loop processes (on every core) beside both phases: CPU contention")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
@@ -267,7 +269,8 @@ def main() -> None:
     model = str(make_tiny_model(Path(".tierq/tiny-model")))
     steps = EngineSteps()
     engine = Engine.start(EngineConfig(model=model, dtype="float32", max_model_len=512, max_num_seqs=args.slots,
-                                       extra={"enforce_eager": True}), stat_loggers=[steps.factory()])
+                                       extra={"enforce_eager": True}),
+                          stat_loggers=None if args.no_engine_stats else [steps.factory()])
     placement = {} if args.no_pin else keep_off_model_cores(args.engine_core_with_model)
     hogs = start_hogs(args.hog)  # after the pinning: they may run on every core
     docs = documents(args.requests, args.max_tokens)
@@ -335,7 +338,7 @@ def main() -> None:
                                           for r in rounds), 3)
             for part in ("client", "engine", "broker")},
         "load_cpu_ms_per_request": round(statistics.median(r["tierq_cpu_s"]["load"] * 1000 / n for r in rounds), 3),
-        "hogs": args.hog, "hog_placement": "every core" if args.hog else None,
+        "engine_stats": not args.no_engine_stats, "hogs": args.hog, "hog_placement": "every core" if args.hog else None,
         "machine_info": machine_at_start, "git": git_head(),
         "other_processes_at_start": others_at_start, "other_processes_at_end": other_processes(),
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
