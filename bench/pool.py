@@ -43,7 +43,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -945,6 +945,9 @@ def main() -> None:
     parser.add_argument("--key-hash", action="store_true",
                         help="publish with Kafka's key hash (Producer(routing=False)) instead of the Producer's routing")
     parser.add_argument("--workers", help="pool sizes of the scale scenario (default 1,2,4; 1,2,4,8 with --full)")
+    parser.add_argument("--fairness-burst", type=float,
+                        help="globex's burst in the fairness scenario, in pool in-flight capacities (default 2; "
+                             "a larger burst measures the steady fair share rather than the first wave)")
     parser.add_argument("--tag", default="cpu", help="suffix of the result files")
     args = parser.parse_args()
     if args.key_hash and "routing" not in inspect.signature(Producer).parameters:
@@ -955,6 +958,10 @@ def main() -> None:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     configure(level="WARNING")
     params = QUICK if args.quick else DEFAULT
+    if args.fairness_burst:
+        # the flood is 10x the burst: give the pool time to serve globex's share of the bigger one
+        params = replace(params, fairness_burst=args.fairness_burst,
+                         flood_wait_s=params.flood_wait_s * max(1.0, args.fairness_burst / params.fairness_burst))
     machine = machine_info()
     machine["busy_processes_at_start"] = other_processes()
     RESULTS.mkdir(parents=True, exist_ok=True)
