@@ -63,6 +63,18 @@ class FakeIntake:
         self.committed: dict[tuple[str, int], int] = {}
         self._offsets = {tp: itertools.count() for tp in PARTITIONS}
         self._callbacks: tuple[Callable[..., None], Callable[..., None]] | None = None
+        self.in_callback = False
+        #: consumer calls made from inside a rebalance callback (confluent-kafka aborts on some)
+        self.calls_in_callback: list[str] = []
+        self.partition_count_reads = 0
+
+    def _callback(self, which: int, *args: Any) -> None:
+        assert self._callbacks is not None
+        self.in_callback = True
+        try:
+            self._callbacks[which](*args)
+        finally:
+            self.in_callback = False
 
     def publish(self, band: Band, value: bytes | None) -> int:
         tp = (TOPICS[band], 0)
@@ -77,13 +89,12 @@ class FakeIntake:
         assert self._callbacks is not None
         if not self.assigned:
             self.assigned = set(PARTITIONS)
-            self._callbacks[0](list(PARTITIONS))
+            self._callback(0, list(PARTITIONS))
         taken, self.queued = self.queued[:max_messages], self.queued[max_messages:]
         return taken
 
     def revoke(self, partitions: list[tuple[str, int]]) -> None:
-        assert self._callbacks is not None
-        self._callbacks[1](partitions, False)
+        self._callback(1, partitions, False)
         self.assigned.difference_update(partitions)
 
     def apply_backpressure(self, waiting: dict[Any, int], waiting_bytes: int, read_ahead: Any) -> None:
@@ -93,6 +104,9 @@ class FakeIntake:
         return {band: 0 for band in TOPICS}
 
     def partition_counts(self) -> dict[str, int]:
+        if self.in_callback:
+            self.calls_in_callback.append("partition_counts")
+        self.partition_count_reads += 1
         return {topic: 1 for topic in TOPICS.values()}
 
     def commit(self, offsets: dict[tuple[str, int], int], *, asynchronous: bool = True) -> None:
@@ -321,6 +335,16 @@ async def test_the_read_ahead_sees_buffered_requests_per_partition_and_their_byt
         assert waiting_bytes == sum(len(v) for v in lows if rid(v) not in h.engine.started)
         # read far past the prefetch (2 x one slot) unless the buffer's bytes pass the bound
         assert (read_ahead.floor, read_ahead.ceiling) == (2, 256) and read_ahead.max_bytes > waiting_bytes
+
+
+async def test_the_consumer_is_not_called_from_inside_its_rebalance_callbacks(base):
+    """confluent-kafka ends its call state when a method of the consumer that sets one (list_topics,
+    poll, consume, close) returns; from inside a rebalance callback that is the state of the poll or
+    close running the callback, whose next callback then aborts the process."""
+    async with Harness(topology(base), slots=1) as h:
+        # once before joining the group, once after the assignment (the topics may have grown)
+        await h.until(lambda: h.intake.partition_count_reads >= 2, "partition counts read after the assignment")
+    assert h.intake.calls_in_callback == []
 
 
 async def test_reserved_slots_let_a_high_start_while_lows_fill_the_rest(base):

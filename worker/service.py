@@ -90,6 +90,7 @@ class Worker:
         self.guard = guard
         self.tasks_by_partition: dict[PartitionKey, set[asyncio.Task[None]]] = {}
         self._partition_counts: dict[str, int] = {}
+        self._counts_stale = False  # partitions were assigned: read the topics' partition counts again
         self._wake = asyncio.Event()
         self._stop_requested_at: float | None = None
         self._abort = False
@@ -148,6 +149,7 @@ class Worker:
             return 0
         await asyncio.to_thread(self.guard.load)
         await self._start_control()
+        self._partition_counts = self.intake.partition_counts() or self._partition_counts
         self.intake.subscribe(on_assigned=self._on_assigned, on_revoked=self._on_revoked)
         log.info("worker_started", pool=self.pool, worker=self.settings.worker_id,
                  slots=self.settings.max_num_seqs, capacity=self.policy.capacity)
@@ -164,6 +166,8 @@ class Worker:
                     self._intake_turn()
                 else:
                     self.intake.poll(0)  # keep the group membership alive while draining
+                if self._counts_stale:
+                    self._refresh_partition_counts()
                 self._reload_tenants()
                 self.guard.poll()
                 self._control_turn()
@@ -431,9 +435,18 @@ class Worker:
         if not self.guard.assigned(partitions):
             self.fatal = "cannot read the attempts topic to its end (a dead worker's marker may be unknown)"
             return
-        self._partition_counts = self.intake.partition_counts() or self._partition_counts
+        # the topics' partition counts (they may have grown) are read after the callback: a
+        # call on the consumer from inside its own rebalance callback ends confluent-kafka's call
+        # state for the poll or close that runs the callback, and that call's next callback then
+        # aborts the process (`CallState_get: Assertion cs != NULL`: seen at shutdown)
+        self._counts_stale = True
         self._derive_caps(self.intake.assigned)
         self._warn_if_a_band_is_missing()
+
+    def _refresh_partition_counts(self) -> None:
+        self._counts_stale = False
+        self._partition_counts = self.intake.partition_counts() or self._partition_counts
+        self._derive_caps(self.intake.assigned)
 
     def _on_revoked(self, partitions: list[PartitionKey], lost: bool) -> None:
         """Stop work from partitions we no longer own; commit what is done unless they are lost."""
