@@ -103,12 +103,12 @@ class LaneRouter:
         self._refresh_s = refresh_s
         self._lanes: dict[tuple[str, str, int], list[int]] = {}
         self._counts: dict[str, int] = {}
-        self._snapshot: Mapping[PartitionKey, int] = {}
-        self._committed: Mapping[PartitionKey, int] = {}
+        #: the last reading, swapped in whole: (topic, partition) -> (backlog, committed offset)
+        self._reading: Mapping[PartitionKey, tuple[int, int]] = {}
         self._rates: dict[PartitionKey, float] = {}
         self._idle_since: dict[PartitionKey, float] = {}
         self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
-        self._snapshot_seen: Mapping[PartitionKey, int] | None = None
+        self._reading_seen: Mapping[PartitionKey, tuple[int, int]] | None = None
         self._sent: dict[PartitionKey, int] = {}  # all tenants', since the last reading
         self._mine: dict[tuple[str, PartitionKey], _Mine] = {}
         self._lock = threading.Lock()  # _mine: delivery reports may come on another thread
@@ -147,8 +147,7 @@ class LaneRouter:
                 rates[tp] = measured if known is None else (1 - RATE_SMOOTHING) * known + RATE_SMOOTHING * measured
         self._previous = reading, now
         self._rates = rates
-        self._committed = {tp: committed for tp, (_backlog, committed) in reading.items()}
-        self._snapshot = {tp: backlog for tp, (backlog, _committed) in reading.items()}
+        self._reading = reading
 
     def _refresh_forever(self) -> None:
         failing = False
@@ -190,11 +189,11 @@ class LaneRouter:
         """The lane where the tenant's request would wait least (see the module doc); None when the
         topic's partitions are not known yet (Kafka's partitioner then places the record by its key).
         Call ``delivered`` with the record's delivery report."""
-        snapshot, committed = self._snapshot, self._committed
-        if snapshot is not self._snapshot_seen:  # a new reading includes what we sent before it
-            self._snapshot_seen = snapshot
+        reading = self._reading
+        if reading is not self._reading_seen:  # a new reading includes what we sent before it
+            self._reading_seen = reading
             self._sent.clear()
-            for counted_topic, partition in snapshot:
+            for counted_topic, partition in reading:
                 self._counts[counted_topic] = max(self._counts.get(counted_topic, 0), partition + 1)
         topic = self.topology.band_topic(pool, band)
         lanes = self.lanes(tenant_id, topic)
@@ -207,9 +206,10 @@ class LaneRouter:
         with self._lock:
             for partition in lanes:
                 tp = (topic, partition)
-                load = snapshot.get(tp, 0) + self._sent.get(tp, 0)
+                backlog, committed = reading.get(tp, (0, 0))
+                load = backlog + self._sent.get(tp, 0)
                 mine = self._mine.get((tenant_id, tp))
-                own = mine.outstanding(committed.get(tp, 0)) if mine else 0
+                own = mine.outstanding(committed) if mine else 0
                 # own records sit in the backlog too: each is counted once
                 ahead = max(own, load - self.read_ahead)
                 if average is None:
