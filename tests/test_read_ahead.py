@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from worker.admission import AdmissionPolicy, BandRules, Pending
 from worker.intake import ReadAhead
 from schemas.messages import BAND_ORDER, Band
@@ -50,9 +52,9 @@ def test_the_policy_counts_buffered_requests_per_source_and_their_bytes():
     assert policy.waiting_by_source() == {A: 2, B: 2, C: 1} and policy.waiting_bytes == 510
     first, second = policy.next(now=0.0), policy.next(now=0.0)
     assert first is not None and second is not None
-    assert policy.waiting_by_source() == policy.waiting_by(lambda item: item.source)
+    assert policy.waiting_by_source() == dict(Counter(item.source for item in policy.waiting))
     assert policy.waiting_bytes == 510 - first.size - second.size
     policy.take_expired(now=3.0)  # the request from C
     policy.remove_where(lambda item: item.source == B)
-    assert policy.waiting_by_source() == policy.waiting_by(lambda item: item.source)
+    assert policy.waiting_by_source() == dict(Counter(item.source for item in policy.waiting))
     assert policy.waiting_bytes == sum(item.size for item in policy.waiting)

@@ -212,14 +212,6 @@ class AdmissionPolicy:
         """Waiting requests per ``Pending.source`` (a copy; kept up to date, no scan)."""
         return dict(self._by_source)
 
-    def waiting_by(self, key: Any) -> dict[Any, int]:
-        """Waiting requests counted by ``key(item)`` (e.g. source partition)."""
-        counts: dict[Any, int] = defaultdict(int)
-        for queue in self._queues.values():
-            for item in queue:
-                counts[key(item)] += 1
-        return counts
-
     def waiting_by_band(self) -> dict[Band, int]:
         counts = {band: 0 for band in BAND_ORDER}
         for (band, _tenant), queue in self._queues.items():
