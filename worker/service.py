@@ -444,9 +444,12 @@ class Worker:
         self._warn_if_a_band_is_missing()
 
     def _refresh_partition_counts(self) -> None:
+        """Caps were derived in the callback from the counts known then: again only if they changed."""
         self._counts_stale = False
-        self._partition_counts = self.intake.partition_counts() or self._partition_counts
-        self._derive_caps(self.intake.assigned)
+        counts = self.intake.partition_counts() or self._partition_counts
+        if counts != self._partition_counts:
+            self._partition_counts = counts
+            self._derive_caps(self.intake.assigned)
 
     def _on_revoked(self, partitions: list[PartitionKey], lost: bool) -> None:
         """Stop work from partitions we no longer own; commit what is done unless they are lost."""
