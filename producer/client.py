@@ -89,14 +89,18 @@ class DeliveryFuture:
         """True once delivery failed; a cheap check for callbacks (no waiting)."""
         return self._error is not None
 
+    def _tell_router(self, offset: int | None) -> None:
+        """The record's fate, to the router that chose its partition (offset None: not written)."""
+        if self._lane is not None:
+            router, tenant, topic, partition = self._lane
+            router.delivered(tenant, topic, partition, offset)
+
     def _resolve(self, err: confluent_kafka.KafkaError | None, msg: confluent_kafka.Message) -> None:
         if err is not None:
             self._error = DeliveryError(f"request {self.request_id}: {err.str()}")
         else:
             self._message = msg
-        if self._lane is not None:
-            router, tenant, topic, partition = self._lane
-            router.delivered(tenant, topic, partition, msg.offset() if err is None else None)
+        self._tell_router(msg.offset() if err is None else None)
         for callback in self._callbacks:
             callback(self)
 
@@ -263,8 +267,7 @@ class Producer:
                 on_delivery=future._resolve,
             )
         except BaseException:
-            if future._lane is not None:  # never written: no delivery report will come
-                router.delivered(request.tenant_id, topic, partition, None)  # type: ignore[union-attr, arg-type]
+            future._tell_router(None)  # never written: no delivery report will come
             raise
         return future
 
