@@ -203,3 +203,19 @@ def write(name: str, tag: str, result: dict[str, Any]) -> Path:
 def figure_path(name: str, tag: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}-{tag}.png"
+
+
+async def wait_until_ready(url: str, timeout_s: float = 60.0) -> None:
+    """Poll a gateway's /readyz until it answers 200; TimeoutError after ``timeout_s``."""
+    import httpx  # the test and bench extras have it; the gateway itself does not need it
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=url) as probe:
+        while time.monotonic() < deadline:
+            try:
+                if (await probe.get("/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"gateway at {url} did not become ready within {timeout_s:g} s")

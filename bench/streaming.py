@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import Phase, doc, figure_path, parser, pct, stack, topology, write
+from bench.common import Phase, doc, figure_path, parser, pct, stack, topology, wait_until_ready, write
 from broker.embedded import free_port
 from producer.collector import ResultCollector
 from producer.gateway.app import create_app
@@ -56,17 +56,8 @@ async def serve_gateway(bootstrap: str, topo: Topology, state: Path) -> tuple[An
     server = uvicorn.Server(uvicorn.Config(create_app(settings, topo), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     task = asyncio.get_running_loop().create_task(server.serve())
-    import httpx
-
     url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url) as probe:
-        while True:
-            try:
-                if (await probe.get("/readyz")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
+    await wait_until_ready(url)
     return server, task, url, key
 
 
@@ -235,8 +226,6 @@ def plot(result: dict[str, Any], tag: str) -> Path:
 
 async def run(args: Any) -> None:
     with stack(args) as (engine, bootstrap):
-        from broker.embedded import EmbeddedBroker  # noqa: F401  (the stack's broker is ours)
-
         broker_pid = _broker_pid(bootstrap)
         ttft = await ttft_phase(engine, bootstrap, args.slots, args.ttft_requests)
         records = []

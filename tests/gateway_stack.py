@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import openai
-import pytest
 import uvicorn
 
+from bench.common import wait_until_ready
 from broker.embedded import free_port
 from broker.topics import create_topics
 from producer.gateway.app import create_app
@@ -84,17 +84,3 @@ async def gateway_stack(bootstrap: str, base_topology: Topology, engine: Any, st
         await asyncio.wait_for(server_task, 30)
         worker_obj.request_stop()
         assert await asyncio.wait_for(worker_task, 60) == 0
-
-
-async def wait_until_ready(url: str) -> None:
-    """Poll the gateway's /readyz until it answers 200 (up to a minute)."""
-    async with httpx.AsyncClient(base_url=url) as probe:
-        for _ in range(600):
-            try:
-                if (await probe.get("/readyz")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("gateway did not become ready")
