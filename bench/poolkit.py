@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -426,10 +426,10 @@ class Pool:
         return (self.deliveries + done)[-count:]
 
     def committed(self) -> dict[tuple[str, int], int]:
-        """The pool group's committed offset per band-topic partition (its log start where none)."""
+        """The band groups' committed offset per band-topic partition (its log start where none)."""
         from broker.backlog import BacklogReader
 
-        reader = BacklogReader(self.settings, f"tierq-{self.pool_name}")
+        reader = BacklogReader(self.settings, self.topology.band_groups(self.pool_name))
         try:
             loads = reader.read(sorted(self.topology.pool_topics(self.pool_name).values()))
         finally:

@@ -1,5 +1,5 @@
-"""The pool's load as Kafka sees it: per band-topic partition, end offset, the pool group's
-committed offset and the backlog between them.
+"""The pool's load as Kafka sees it: per band-topic partition, end offset, the committed offset
+of the band's consumer group and the backlog between them.
 
 Used by ``tierq status`` and by load-aware routing in the producers (refreshed about once a
 second for a few dozen partitions), so a reader keeps its clients and its last answers.
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import confluent_kafka
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from broker.groups import committed_offsets
 from broker.topics import PartitionKey
 from schemas.settings import Settings
 
@@ -54,7 +55,7 @@ class BacklogReader:
     no new batch (a new batch always moves even Tansu's answer), so its last true end is reused
     without any fetch.
 
-    **Committed offsets** come from OffsetFetch for ``group_id`` (AdminClient
+    **Committed offsets** come from OffsetFetch for the topic's group (AdminClient
     ``list_consumer_group_offsets``): it neither joins the group nor disturbs its members. With
     no committed offset the log start counts as committed (a new group starts there), and a
     committed offset below the log start (retention deleted those records) counts as the log
@@ -63,8 +64,10 @@ class BacklogReader:
     Not thread-safe: one thread calls ``read`` (and ``oldest_timestamps``). Call ``close``.
     """
 
-    def __init__(self, settings: Settings, group_id: str):
-        self.group_id = group_id
+    def __init__(self, settings: Settings, groups: str | Mapping[str, str]):
+        """``groups``: the consumer group whose committed offsets count, one for every topic or
+        one per topic (a pool's band groups, ``Topology.band_groups``)."""
+        self.groups = groups
         # a metadata request for one topic would create it where the broker auto-creates topics
         # (Tansu always does; Kafka with auto.create.topics.enable) unless the client says not to
         self._admin = AdminClient(settings.librdkafka("backlog-admin", **{"allow.auto.create.topics": False}))
@@ -154,6 +157,15 @@ class BacklogReader:
             self._partitions[topic] = cached
         return cached[1]
 
+    def group_for(self, topic: str) -> str:
+        """The group whose committed offsets count for ``topic``."""
+        if isinstance(self.groups, str):
+            return self.groups
+        try:
+            return self.groups[topic]
+        except KeyError:
+            raise BacklogError(f"no consumer group given for topic {topic!r}") from None
+
     def forget(self) -> None:
         """Drop cached partition lists and ends (after partitions were added or topics recreated)."""
         self._partitions.clear()
@@ -195,19 +207,16 @@ class BacklogReader:
             raise BacklogError(f"cannot list offsets: {_describe(exc)}") from None
 
     def _committed(self, partitions: list[TopicPartition], deadline: float) -> dict[PartitionKey, int]:
-        remaining = max(deadline - time.monotonic(), 0.1)
-        request = ConsumerGroupTopicPartitions(self.group_id, [TopicPartition(tp.topic, tp.partition)
-                                                               for tp in partitions])
-        future = self._admin.list_consumer_group_offsets([request], request_timeout=remaining)[self.group_id]
-        try:
-            answer = future.result()
-        except KafkaException as exc:
-            if exc.args and exc.args[0].code() == KafkaError.GROUP_ID_NOT_FOUND:
-                return {}
-            raise BacklogError(f"cannot read committed offsets of group {self.group_id!r}: "
-                               f"{_describe(exc)}") from None
-        return {(tp.topic, tp.partition): tp.offset for tp in answer.topic_partitions
-                if tp.error is None and tp.offset >= 0}
+        by_group: dict[str, list[TopicPartition]] = {}
+        for tp in partitions:
+            by_group.setdefault(self.group_for(tp.topic), []).append(tp)
+        committed: dict[PartitionKey, int] = {}
+        for group, tps in by_group.items():
+            try:
+                committed.update(committed_offsets(self._admin, group, tps, max(deadline - time.monotonic(), 0.1)))
+            except KafkaException as exc:
+                raise BacklogError(f"cannot read committed offsets of group {group!r}: {_describe(exc)}") from None
+        return committed
 
     def _true_ends(self, reported: dict[PartitionKey, int], deadline: float) -> dict[PartitionKey, int]:
         """Read from each changed partition's reported watermark to its end (see the class doc)."""

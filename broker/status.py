@@ -2,9 +2,9 @@
 partition and the age of the oldest waiting request, as Kafka sees them.
 
 Backlog comes from ``broker.backlog.BacklogReader`` (true end offsets, also on Tansu, minus the
-pool group's committed offsets); the owner from DescribeGroups of the pool's consumer group
-(``tierq-<pool>``); the oldest waiting request is the record at the committed offset, aged by
-its Kafka timestamp.
+committed offsets of the band's consumer group); the owner from DescribeGroups of the pool's
+band groups (``tierq-<pool>-<band>``, see ``Topology.band_groups``); the oldest waiting request
+is the record at the committed offset, aged by its Kafka timestamp.
 """
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ class PartitionStatus:
     #: the group member holding the partition (``client_id@host``); None when nobody holds it
     #: or the broker does not say (see ``GroupView.note``)
     owner: str | None
+    #: the band's consumer group
     group: str
+    #: its state (see ``GroupView.state``)
+    group_state: str
 
 
 @dataclass(frozen=True)
 class GroupView:
-    """What DescribeGroups says about a pool's consumer group."""
+    """What DescribeGroups says about one of a pool's band groups."""
 
     group_id: str
     #: Stable, PreparingRebalance, CompletingRebalance, Empty, Dead, none (no such group), unknown
@@ -62,7 +65,10 @@ class GroupView:
 @dataclass(frozen=True)
 class PoolStatus:
     pool: str
-    group: GroupView
+    #: the pool's group name: its band groups are ``<group>-<band>``
+    group: str
+    #: the band groups, in band order (high first)
+    groups: list[GroupView]
     partitions: list[PartitionStatus]
 
 
@@ -137,7 +143,7 @@ def check_broker(settings: Settings, topics: Iterable[str], timeout: float) -> N
         raise StatusError(f"topic(s) missing: {', '.join(missing)}; run `tierq topics create`")
 
 
-def pool_status(settings: Settings, topology: Topology, pool: str, reader: BacklogReader,
+def pool_status(settings: Settings, topology: Topology, pool: str, group_id: str, reader: BacklogReader,
                 admin: AdminClient, timeout: float = 5.0) -> PoolStatus:
     topics = topology.pool_topics(pool)
     band_of = {topic: band.value for band, topic in topics.items()}
@@ -146,36 +152,38 @@ def pool_status(settings: Settings, topology: Topology, pool: str, reader: Backl
         stamps = reader.oldest_timestamps(loads.values(), timeout=timeout)
     except BacklogError as exc:
         raise StatusError(str(exc)) from None
-    group = describe_group(admin, reader.group_id, timeout)
+    groups = {band: describe_group(admin, reader.group_for(topics[band]), timeout) for band in BAND_ORDER}
     now = time.time()
     rows = []
     for band in BAND_ORDER:
-        topic = topics[band]
+        topic, group = topics[band], groups[band]
         for (t, p), load in sorted(loads.items()):
             if t != topic:
                 continue
             stamp = stamps.get((t, p))
             age = round(max(0.0, now - stamp), 3) if stamp is not None and load.backlog > 0 else None
             rows.append(PartitionStatus(pool, band_of[t], t, p, load.end, load.committed, load.backlog,
-                                        age, group.owners.get((t, p)), reader.group_id))
-    return PoolStatus(pool, group, rows)
+                                        age, group.owners.get((t, p)), group.group_id, group.state))
+    return PoolStatus(pool, group_id, list(groups.values()), rows)
 
 
 def collect(settings: Settings, topology: Topology, pool: str | None = None, group_id: str | None = None,
             timeout: float = 5.0) -> list[PoolStatus]:
     """Status of ``pool`` (default: every pool of the topology). ``group_id`` overrides the
-    pool's consumer group (``tierq-<pool>``, or the workers' TIERQ_GROUP_ID)."""
+    pool's group name (``tierq-<pool>``, or the workers' TIERQ_GROUP_ID); the band groups are
+    ``<group_id>-<band>``."""
     if pool is not None and pool not in topology.pools:
         raise StatusError(f"unknown pool {pool!r} (pools: {', '.join(topology.pools)})")
     pools = [pool] if pool is not None else list(topology.pools)
     if group_id is not None and len(pools) > 1:
-        raise StatusError("--group needs --pool: each pool has its own consumer group")
+        raise StatusError("--group needs --pool: each pool has its own consumer groups")
     check_broker(settings, [t for p in pools for t in topology.pool_topics(p).values()], timeout)
     admin = AdminClient(settings.librdkafka("status"))
     result = []
     for name in pools:
-        with BacklogReader(settings, group_id or f"tierq-{name}") as reader:
-            result.append(pool_status(settings, topology, name, reader, admin, timeout))
+        group = group_id or topology.pool_group(name)
+        with BacklogReader(settings, topology.band_groups(name, group)) as reader:
+            result.append(pool_status(settings, topology, name, group, reader, admin, timeout))
     return result
 
 
@@ -183,7 +191,7 @@ def collect(settings: Settings, topology: Topology, pool: str | None = None, gro
 
 def as_json(pools: list[PoolStatus]) -> str:
     """One JSON object per partition, in pool, band and partition order."""
-    rows = [dict(asdict(row), group_state=status.group.state) for status in pools for row in status.partitions]
+    rows = [asdict(row) for status in pools for row in status.partitions]
     return json.dumps(rows, indent=2)
 
 
@@ -201,9 +209,7 @@ def as_table(pools: list[PoolStatus]) -> str:
     """Per pool: one line per partition, a total per band and for the pool."""
     lines: list[str] = []
     for status in pools:
-        group = status.group
-        members = f", {group.members} member{'s' if group.members != 1 else ''}" if group.members else ""
-        lines.append(f"pool {status.pool}  (group {group.group_id}: {_state_text(group.state)}{members})")
+        lines.append(f"pool {status.pool}  (groups {_groups_text(status.group, status.groups)})")
         width = max([len(r.topic) for r in status.partitions] + [len("topic")])
         header = f"{'band':7} {'topic':{width}} {'part':>4} {'backlog':>8} {'oldest':>8}  owner"
         lines.append(header)
@@ -214,8 +220,8 @@ def as_table(pools: list[PoolStatus]) -> str:
                              f"{format_age(r.oldest_age_s):>8}  {r.owner or '-'}")
             lines.append(_total_line(band.value, "total", rows, width, _held(rows)))
         lines.append(_total_line("all", "", status.partitions, width, ""))
-        if group.note:
-            lines.append(f"note: {group.note}")
+        for note in dict.fromkeys(g.note for g in status.groups if g.note):
+            lines.append(f"note: {note}")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 
@@ -233,6 +239,18 @@ def _held(rows: list[PartitionStatus]) -> str:
         return ""
     unheld = sum(1 for r in rows if not r.owner)
     return f"{len(owners)} worker{'s' if len(owners) != 1 else ''}" + (f", {unheld} unheld" if unheld else "")
+
+
+def _groups_text(name: str, groups: list[GroupView]) -> str:
+    """``tierq-default-<band>: Stable, 2 members`` when the band groups agree, else each one's."""
+    def text(group: GroupView) -> str:
+        members = f", {group.members} member{'s' if group.members != 1 else ''}" if group.members else ""
+        return f"{_state_text(group.state)}{members}"
+
+    texts = [text(g) for g in groups]
+    if len(set(texts)) == 1:
+        return f"{name}-<band>: {texts[0]}"
+    return "; ".join(f"{g.group_id}: {t}" for g, t in zip(groups, texts, strict=True))
 
 
 def _state_text(state: str) -> str:

@@ -249,10 +249,10 @@ class LaneRouter:
 
 
 def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSource, Callable[[], None]]:
-    """A ``BacklogSource`` over each pool's consumer group (``tierq-<pool>``), and its closer."""
+    """A ``BacklogSource`` over each pool's band groups (``tierq-<pool>-<band>``), and its closer."""
     from broker.backlog import BacklogReader
 
-    readers = {pool: BacklogReader(settings, f"tierq-{pool}") for pool in topology.pools}
+    readers = {pool: BacklogReader(settings, topology.band_groups(pool)) for pool in topology.pools}
     topics_of = {pool: set(topology.pool_topics(pool).values()) for pool in topology.pools}
 
     def read(topics: list[str]) -> dict[PartitionKey, tuple[int, int]]:

@@ -190,6 +190,21 @@ class Topology(_Config):
     def pool_topics(self, pool: str) -> dict[Band, str]:
         return {band: self.band_topic(pool, band) for band in BAND_ORDER}
 
+    @staticmethod
+    def pool_group(pool: str) -> str:
+        """The pool's group name (``tierq-<pool>``; workers may set another, TIERQ_GROUP_ID)."""
+        return f"tierq-{pool}"
+
+    def band_groups(self, pool: str, group: str | None = None) -> dict[str, str]:
+        """The consumer group of each band topic of ``pool``, by topic: ``<group>-<band>``.
+
+        One group per band, not one for the pool: a group balances only the *number* of
+        partitions per member across its topics (cooperative-sticky), so a worker joining a
+        one-group pool could take every high partition and no low one. With a group per band,
+        every band is spread over every worker."""
+        base = group or self.pool_group(pool)
+        return {topic: f"{base}-{band.value}" for band, topic in self.pool_topics(pool).items()}
+
     def control_topic(self, pool: str) -> str:
         return self.control.topic_pattern.format(pool=pool)
 

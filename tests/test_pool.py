@@ -16,8 +16,9 @@ import confluent_kafka
 import pytest
 import pytest_asyncio
 
+from broker.backlog import BacklogReader
 from schemas.codec import encode
-from schemas.messages import Request, utc_now
+from schemas.messages import Band, Request, utc_now
 from schemas.topology import Topology
 from tests.worker_fixtures import Publisher, collect, custom_topology, request, spawn_worker
 from worker.service import Worker, build_worker
@@ -135,6 +136,60 @@ async def test_a_worker_joining_and_one_leaving_lose_nothing_under_lane_routing(
     replies = await collect(settings, topology, "acme", expect=len(sent), timeout=180)
     assert {r.request_id for r in replies} == set(sent)
     assert {r.worker for r in replies} == {"w0", "w1"}
+
+
+async def test_a_joining_worker_holds_partitions_of_every_band(settings, base_topology, start_simulated):
+    """One consumer group per band: a group balances only partition counts over its topics, so in
+    one group for all bands a joiner could take every high partition and no low one."""
+    topology = pool_topology(base_topology, settings)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    topics = topology.pool_topics("default")
+    first = start_simulated(topology, group, "w0")
+    await until(lambda: len(first.intake.assigned) == 32, "the first worker holds everything")
+    second = start_simulated(topology, group, "w1")
+
+    def bands(worker: Worker) -> dict[str, int]:
+        return {band.value: sum(1 for t, _p in worker.intake.assigned if t == topic) for band, topic in topics.items()}
+
+    def balanced() -> bool:
+        together = first.intake.assigned | second.intake.assigned
+        return (len(together) == 32 and not first.intake.assigned & second.intake.assigned
+                and all(all(bands(w).values()) for w in (first, second)))
+
+    await until(balanced, "both workers hold partitions of every band")
+    for worker in (first, second):  # and each band is split evenly, not merely touched
+        for band, topic in topics.items():
+            total = topology.bands[band].partitions
+            assert bands(worker)[band.value] in (total // 2, (total + 1) // 2), (worker.settings.worker_id, bands(worker))
+
+
+async def test_a_pool_upgraded_from_one_group_continues_from_its_committed_offsets(settings, base_topology,
+                                                                                      start_simulated):
+    """Earlier versions consumed the three bands in one group (``tierq-<pool>``, or TIERQ_GROUP_ID):
+    the band groups start where it left off instead of serving everything again."""
+    topology = pool_topology(base_topology, settings)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    low = topology.band_topic("default", Band.low)
+    producer = confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers})
+    ids = []
+    for _ in range(10):
+        doc = Request.model_validate({**request("globex", "low", max_tokens=4),
+                                      "request_id": uuid.uuid4().hex, "submitted_at": utc_now()})
+        producer.produce(low, key=b"globex", value=encode(doc), partition=0)
+        producer.flush(30)  # one record per batch: offsets 0..9 in this order
+        ids.append(doc.request_id)
+    old = confluent_kafka.Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+    old.commit(offsets=[confluent_kafka.TopicPartition(low, 0, 6)], asynchronous=False)  # 6 answered before
+    old.close()
+
+    start_simulated(topology, group, "w0")
+    replies = await collect(settings, topology, "globex", expect=4)
+    assert {r.request_id for r in replies} == set(ids[6:])
+    with BacklogReader(settings, topology.band_groups("default", group)) as reader:
+        await until(lambda: reader.read([low])[(low, 0)].committed == 10, "the low group committed offset 10")
+    # every reply there is, once the last is committed: none for the six the old group had answered
+    everything = await collect(settings, topology, "globex", expect=None, timeout=10)
+    assert sorted(r.request_id for r in everything) == sorted(ids[6:])
 
 
 @pytest.mark.engine

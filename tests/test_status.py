@@ -139,19 +139,25 @@ def test_status_json_has_every_partition_with_backlog_owner_and_age(settings, to
     produce_batches(settings.bootstrap_servers, high, 1, [3, 2])
     produce_batches(settings.bootstrap_servers, low, 3, [8, 4])
     group = unique_group()
-    commit(settings.bootstrap_servers, group, low, 3, 4)
+    commit(settings.bootstrap_servers, f"{group}-low", low, 3, 4)  # the low band's group
 
-    # a member of the group holding every partition, as a lone worker would
-    member = confluent_kafka.Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group,
-                                       "client.id": "status-test-worker", "session.timeout.ms": 6000,
-                                       "enable.auto.commit": False, "auto.offset.reset": "latest"})
-    member.subscribe(list(topology.pool_topics("default").values()))
+    # a member of each band group holding every partition, as a lone worker would
+    members = []
+    for band, topic in topology.pool_topics("default").items():
+        member = confluent_kafka.Consumer({"bootstrap.servers": settings.bootstrap_servers,
+                                           "group.id": f"{group}-{band.value}", "client.id": "status-test-worker",
+                                           "session.timeout.ms": 6000, "enable.auto.commit": False,
+                                           "auto.offset.reset": "latest"})
+        member.subscribe([topic])
+        members.append(member)
     try:
         deadline = time.monotonic() + 60
-        while not member.assignment() and time.monotonic() < deadline:
-            member.poll(0.2)
-        assert member.assignment(), "the member never got partitions"
-        member.pause(member.assignment())  # hold them, read nothing
+        while not all(m.assignment() for m in members) and time.monotonic() < deadline:
+            for member in members:
+                member.poll(0.1)
+        assert all(m.assignment() for m in members), "a member never got partitions"
+        for member in members:
+            member.pause(member.assignment())  # hold them, read nothing
 
         args = ["status", "--bootstrap", settings.bootstrap_servers, "--topics", str(topics_file),
                 "--pool", "default", "--group", group]
@@ -160,12 +166,13 @@ def test_status_json_has_every_partition_with_backlog_owner_and_age(settings, to
         assert main(args) == 0
         table = capsys.readouterr().out
     finally:
-        member.close()
+        for member in members:
+            member.close()
 
     assert len(rows) == sum(topology.bands[b].partitions for b in Band)
     for row in rows:
         assert {"pool", "band", "topic", "partition", "backlog", "owner", "oldest_age_s"} <= set(row)
-        assert row["pool"] == "default" and row["group"] == group
+        assert row["pool"] == "default" and row["group"] == f"{group}-{row['band']}"
     by_key = {(row["topic"], row["partition"]): row for row in rows}
     assert [row["band"] for row in rows] == sorted((row["band"] for row in rows),
                                                    key=["high", "medium", "low"].index)

@@ -1,4 +1,11 @@
-"""Kafka intake: one consumer on the pool's three band topics, with pause/resume backpressure.
+"""Kafka intake: one consumer per band topic of the pool, with pause/resume backpressure.
+
+**A consumer group per band** (``Topology.band_groups``: ``<group>-high``, ``-medium``, ``-low``).
+Kafka's cooperative-sticky assignor balances the number of partitions per member over all the
+topics of its group, not per topic: in one group for the three bands, a worker that joins can be
+given every high partition and no low one (seen in ``bench.pool``'s join scenario), and then the
+pool's priority and fair share hold only by accident. One group per band spreads every band over
+every worker. The three consumers are polled from the same loop; what they hold is one set.
 
 **Read-ahead.** The worker's fair share (worker.admission) can only choose among requests it
 has read, and a partition is read in order: a tenant's request queued behind another tenant's
@@ -23,6 +30,7 @@ import confluent_kafka
 import structlog
 from confluent_kafka import TopicPartition
 
+from broker.groups import adopt_pool_group_offsets
 from broker.topics import PartitionKey
 from schemas.messages import Band
 from schemas.settings import Settings
@@ -66,17 +74,29 @@ class Intake:
         self,
         settings: Settings,
         band_topics: dict[Band, str],
-        group_id: str,
+        groups: Mapping[str, str],
         *,
         session_timeout_ms: int = 10_000,
         client_id: str | None = None,
+        pool_group: str | None = None,
     ):
+        """``groups``: the consumer group of each band topic; ``pool_group``: the single group of
+        earlier versions, whose committed offsets are adopted before joining (broker.groups)."""
         self.topic_band = {topic: band for band, topic in band_topics.items()}
+        self.groups = dict(groups)
         self.assigned: set[PartitionKey] = set()
         self.paused: set[PartitionKey] = set()
+        self._settings = settings
+        self._pool_group = pool_group
         self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
         self._on_revoked: Callable[[list[PartitionKey], bool], None] | None = None
-        self._consumer = confluent_kafka.Consumer(settings.librdkafka(
+        self._consumers = {topic: self._consumer_for(settings, self.groups[topic], session_timeout_ms, client_id)
+                           for topic in self.topic_band}
+
+    @staticmethod
+    def _consumer_for(settings: Settings, group_id: str, session_timeout_ms: int,
+                      client_id: str | None) -> confluent_kafka.Consumer:
+        return confluent_kafka.Consumer(settings.librdkafka(
             "worker",
             **{
                 "group.id": group_id,
@@ -94,18 +114,20 @@ class Intake:
                 # passes the thresholds above; keep that short so a high request is not left behind
                 "fetch.queue.backoff.ms": 20,
                 "fetch.error.backoff.ms": 100,
-                # the group's member list (`tierq status`) names the worker
+                # the groups' member lists (`tierq status`) name the worker
                 **({"client.id": client_id} if client_id else {}),
             },
         ))
 
     def subscribe(self, on_assigned: Callable[[list[PartitionKey]], None],
                   on_revoked: Callable[[list[PartitionKey], bool], None]) -> None:
-        """Join the group; the callbacks run inside ``poll`` (on the caller's thread)."""
+        """Join the band groups (after adopting an earlier version's offsets); the callbacks run
+        inside ``poll`` (on the caller's thread)."""
+        if self._pool_group is not None:
+            adopt_pool_group_offsets(self._settings, self._pool_group, self.groups)
         self._on_assigned, self._on_revoked = on_assigned, on_revoked
-        self._consumer.subscribe(
-            list(self.topic_band), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
-        )
+        for topic, consumer in self._consumers.items():
+            consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
 
     def _assigned(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
@@ -133,8 +155,16 @@ class Intake:
         self.paused.difference_update(keys)
 
     def poll(self, max_messages: int = 64) -> list[confluent_kafka.Message]:
-        """Non-blocking: whatever is already fetched, and rebalance callbacks."""
-        messages = self._consumer.consume(num_messages=max_messages, timeout=0)
+        """Non-blocking: whatever is already fetched (up to ``max_messages`` per band), and
+        rebalance callbacks."""
+        good = []
+        for consumer in self._consumers.values():
+            good.extend(self._poll_one(consumer, max_messages))
+        return good
+
+    @staticmethod
+    def _poll_one(consumer: confluent_kafka.Consumer, max_messages: int) -> list[confluent_kafka.Message]:
+        messages = consumer.consume(num_messages=max_messages, timeout=0)
         good = []
         for msg in messages:
             error = msg.error()
@@ -152,17 +182,19 @@ class Intake:
         pause, resume = read_ahead.decide(waiting, waiting_bytes, self.assigned, self.paused)
         if pause:
             self.paused.update(pause)
-            self._consumer.pause([TopicPartition(t, p) for t, p in pause])
+            for topic, tps in _by_topic(pause).items():
+                self._consumers[topic].pause(tps)
         if resume:
             self.paused.difference_update(resume)
-            self._consumer.resume([TopicPartition(t, p) for t, p in resume])
+            for topic, tps in _by_topic(resume).items():
+                self._consumers[topic].resume(tps)
 
     def partition_counts(self, timeout: float = 10.0) -> dict[str, int]:
         """Partitions of each band topic, from the broker's metadata ({} if it does not answer)."""
         counts = {}
-        for topic in self.topic_band:
+        for topic, consumer in self._consumers.items():
             try:
-                metadata = self._consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+                metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
             except confluent_kafka.KafkaException:
                 return {}
             if metadata is not None and metadata.error is None and metadata.partitions:
@@ -176,13 +208,27 @@ class Intake:
         return counts
 
     def commit(self, offsets: dict[PartitionKey, int], *, asynchronous: bool = True) -> None:
-        owned = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned]
-        if not owned:
-            return
-        try:
-            self._consumer.commit(offsets=owned, asynchronous=asynchronous)
-        except confluent_kafka.KafkaException as exc:
-            log.warning("commit_failed", error=str(exc), offsets={f"{t.topic}[{t.partition}]": t.offset for t in owned})
+        """Commit each band's offsets through its own group (only partitions still held)."""
+        owned = {tp: offset for tp, offset in offsets.items() if tp in self.assigned}
+        for topic, tps in _by_topic(owned.keys(), owned).items():
+            try:
+                self._consumers[topic].commit(offsets=tps, asynchronous=asynchronous)
+            except confluent_kafka.KafkaException as exc:
+                log.warning("commit_failed", error=str(exc),
+                            offsets={f"{t.topic}[{t.partition}]": t.offset for t in tps})
 
     def close(self) -> None:
-        self._consumer.close()
+        """Leave every band group (each close may revoke partitions: the callbacks commit)."""
+        for consumer in self._consumers.values():
+            consumer.close()
+
+
+def _by_topic(keys: Iterable[PartitionKey], offsets: Mapping[PartitionKey, int] | None = None,
+              ) -> dict[str, list[TopicPartition]]:
+    """``TopicPartition``s grouped by topic (with their offset from ``offsets`` if given)."""
+    grouped: dict[str, list[TopicPartition]] = {}
+    for topic, partition in keys:
+        tp = TopicPartition(topic, partition) if offsets is None else TopicPartition(topic, partition,
+                                                                                      offsets[(topic, partition)])
+        grouped.setdefault(topic, []).append(tp)
+    return grouped

@@ -494,12 +494,14 @@ class Worker:
 
 def build_worker(settings: WorkerSettings, topology: Topology, engine: EngineAdapter,
                  reloader: TenantsReloader | None = None) -> Worker:
-    """A Worker wired to real Kafka clients: the pool's consumer group, one idempotent writer."""
-    group_id = settings.group_id or f"tierq-{settings.pool}"
+    """A Worker wired to real Kafka clients: the pool's band groups, one idempotent writer."""
+    group_id = settings.group_id or topology.pool_group(settings.pool)
     writer = ReplyWriter(settings, topology.dlq.topic, topology.attempts.topic)
+    # held-to markers are keyed by the pool's group name and the partition (its topic names the band)
     guard = PoisonGuard(AttemptsLedger(settings, topology.attempts.topic, group_id), writer, group_id)
-    intake = Intake(settings, topology.pool_topics(settings.pool), group_id=group_id,
-                    session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id)
+    intake = Intake(settings, topology.pool_topics(settings.pool), topology.band_groups(settings.pool, group_id),
+                    session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id,
+                    pool_group=group_id)
     control = ControlReader(settings, topology.control_topic(settings.pool), settings.cancel_memory_s)
     return Worker(settings, topology, engine, intake=intake, writer=writer, guard=guard, reloader=reloader,
                   control=control)

@@ -39,7 +39,8 @@ class WorkerSettings(Settings):
     engine: Literal["vllm", "simulated"] = Field(
         default="vllm", description="vllm, or simulated: no model, GPU batching modelled (load tests)")
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
-    group_id: str | None = Field(default=None, description="consumer group (default tierq-<pool>)")
+    group_id: str | None = Field(default=None, description="the pool's group name (default tierq-<pool>): each band "
+                                    "topic is consumed in its own group <name>-<band>")
     model: str | None = Field(
         default=None,
         description="model path or name; 'tiny': the tiny random test model; none: the SmolLM2 folder "
