@@ -165,7 +165,8 @@ class Producer:
         """Started on first use, so a producer that never publishes reads no backlog."""
         if self._router is None:
             backlog, self._close_backlog = backlog_reader_source(self._settings, self.topology)
-            self._router = LaneRouter(self.topology, self._partition_count, backlog).start()
+            self._router = LaneRouter(self.topology, self._partition_count, backlog,
+                                      read_ahead=self._settings.read_ahead_per_partition).start()
         return self._router
 
     def _partition_count(self, topic: str) -> int | None:

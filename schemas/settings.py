@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.lanes import READ_AHEAD_PER_PARTITION
 from schemas.tenants import load_topology
 from schemas.topology import Topology
 
@@ -74,6 +75,11 @@ class Settings(BaseSettings):
         default_factory=dict, description="Extra librdkafka properties, as JSON: TIERQ_KAFKA_EXTRA='{\"k\": \"v\"}'"
     )
     state_dir: Path = Field(default=Path(".tierq"), description="Local state: generated test model, broker logs")
+    read_ahead_per_partition: int = Field(
+        default=READ_AHEAD_PER_PARTITION, ge=1,
+        description="the pool's read-ahead: buffered requests per source partition at most in a worker (read "
+                    "past a flood to the requests of other tenants behind it, so the fair share sees them); "
+                    "producers route by the backlog beyond it, so give every process of a pool the same value")
     quota_redis_url: SecretStr | None = Field(
         default=None,
         description="redis://[:password@]host:port/db (rediss://, unix:// too): tenants' requests/s and tokens/min "

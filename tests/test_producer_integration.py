@@ -9,6 +9,7 @@ from tierq.cli import main
 from producer.client import Producer
 from producer.collector import ResultCollector
 from schemas.codec import MessageError, decode_request, encode
+from schemas.lanes import READ_AHEAD_PER_PARTITION
 from schemas.messages import Band, ErrorCode, Reply, Status
 from tests.kafka_helpers import read_topics
 
@@ -181,3 +182,13 @@ def test_gateway_reply_listener_reads_on_while_a_reply_topic_is_missing(settings
     finally:
         listener.stop()
         listener.join(10)
+
+
+def test_the_router_counts_backlog_beyond_the_pools_read_ahead_setting(settings, topology):
+    """Producers judge what a worker cannot have read yet by TIERQ_READ_AHEAD_PER_PARTITION, the
+    same setting the pool's workers read (a pool that lowers it must not be routed as if 256)."""
+    narrow = settings.model_copy(update={"read_ahead_per_partition": 32})
+    with Producer(narrow, topology, on_quota="off") as producer:
+        assert producer._lane_router().read_ahead == 32
+    with Producer(settings, topology, on_quota="off") as producer:
+        assert producer._lane_router().read_ahead == READ_AHEAD_PER_PARTITION

@@ -9,7 +9,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
-from schemas.lanes import READ_AHEAD_PER_PARTITION
 from schemas.settings import Settings
 from worker.models import default_models_dir
 from worker.simulated import SimParams
@@ -60,10 +59,6 @@ class WorkerSettings(Settings):
         default=None, ge=1,
         description="buffered requests a source partition may always hold, even when the buffer is over "
                     "read_ahead_bytes (default: twice slots + engine_queue)")
-    read_ahead_per_partition: int = Field(
-        default=READ_AHEAD_PER_PARTITION, ge=1,
-        description="buffered requests per source partition at most: read past a flood to the requests of "
-                    "other tenants behind it, so the fair share sees them")
     read_ahead_bytes: int = Field(
         default=32 * 1024 * 1024, ge=0,
         description="buffered request bytes (as read from Kafka) of the whole worker beyond which partitions "
