@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from schemas.codec import encode
 from schemas.messages import Band, Cancel, Chunk, Request, Status, utc_now
@@ -345,6 +346,21 @@ async def test_the_consumer_is_not_called_from_inside_its_rebalance_callbacks(ba
         # once before joining the group, once after the assignment (the topics may have grown)
         await h.until(lambda: h.intake.partition_count_reads >= 2, "partition counts read after the assignment")
     assert h.intake.calls_in_callback == []
+
+
+def test_a_missing_band_is_warned_about_only_once_every_bands_group_has_assigned(base):
+    """Each band's group assigns on its own; a worker that has heard from one group only holds no
+    partition of the others *yet*, which is not worth a warning."""
+    h = Harness(topology(base), slots=1)
+    h.intake.assigned = {(TOPICS[Band.high], 0)}
+    h.intake.bands_assigned = {Band.high}
+    with capture_logs() as logs:
+        h.worker._warn_if_a_band_is_missing()
+    assert not [e for e in logs if e["event"] == "band_without_partitions"]
+    h.intake.bands_assigned = set(Band)  # every group has assigned: medium and low gave us nothing
+    with capture_logs() as logs:
+        h.worker._warn_if_a_band_is_missing()
+    assert [e["bands"] for e in logs if e["event"] == "band_without_partitions"] == [["medium", "low"]]
 
 
 async def test_reserved_slots_let_a_high_start_while_lows_fill_the_rest(base):

@@ -86,6 +86,8 @@ class Intake:
         self.groups = dict(groups)
         self.assigned: set[PartitionKey] = set()
         self.paused: set[PartitionKey] = set()
+        #: bands whose group has given this worker its assignment (maybe empty) at least once
+        self.bands_assigned: set[Band] = set()
         self._settings = settings
         self._pool_group = pool_group
         self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
@@ -131,6 +133,7 @@ class Intake:
 
     def _assigned(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.bands_assigned.add(self.topic_band[self._topic_of(consumer)])
         self.assigned.update(keys)
         self.paused.difference_update(keys)
         # librdkafka keeps a partition's pause flag across revoke and re-assignment; a partition
@@ -139,6 +142,9 @@ class Intake:
         log.info("partitions_assigned", partitions=sorted(keys))
         if self._on_assigned is not None:
             self._on_assigned(keys)
+
+    def _topic_of(self, consumer: confluent_kafka.Consumer) -> str:
+        return next(topic for topic, c in self._consumers.items() if c is consumer)
 
     def _revoked(self, _consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         self._release(partitions, lost=False)

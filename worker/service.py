@@ -477,6 +477,8 @@ class Worker:
     def _warn_if_a_band_is_missing(self) -> None:
         """A worker without partitions of a band cannot serve that band: the pool's priority
         holds only if partitions per band >= workers (see topics.yaml)."""
+        if len(self.intake.bands_assigned) < len(self.intake.topic_band):
+            return  # each band's group assigns on its own: judge once every one has
         held = {self.intake.topic_band[topic] for topic, _partition in self.intake.assigned}
         missing = [band.value for band in BAND_ORDER if band not in held]
         if missing and self.intake.assigned:
