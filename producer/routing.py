@@ -19,10 +19,11 @@ partition a flood fills, onto the few lanes it alone uses, hence onto few worker
 
 That count is divided by the rate at which P's committed offset has been advancing while it
 had work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` without work),
-so a partition whose worker is slow, shared with more partitions, or dead (backlog and no
-progress) gets fewer requests, in proportion. Lanes whose
-drain rate is not known yet count at the average rate of the others; with no rate known at
-all the counts alone decide, so a new producer spreads a tenant's requests evenly over its
+so a partition whose worker is slow or shared with more partitions gets fewer requests, in
+proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker is gone) gets
+none while any other lane can take them. Lanes whose drain rate is not known yet (no request
+done since they had work) count at the average rate of the others; with no rate known at all
+the counts alone decide, so a new producer spreads a tenant's requests evenly over its
 lanes. The record key stays the tenant id, so the contract is unchanged for clients that only
 set the key.
 
@@ -65,8 +66,14 @@ PartitionCounter = Callable[[str], int | None]
 REFRESH_S = 1.0
 #: weight of the newest measurement in a lane's drain-rate average
 RATE_SMOOTHING = 0.5
-#: drain rate (records/s) below which a lane with backlog counts as stalled (its worker is gone)
-STALLED_RATE = 0.01
+#: a lane whose committed offset has not moved for this long while it had backlog counts as
+#: stalled (its worker is gone, or stuck): it gets requests only when every lane is. A single
+#: reading without progress says nothing: a lane's first request may take longer than a reading's
+#: interval (counting that as stalled herded every request onto the few lanes that happened to
+#: commit in the first second of a burst: bench.pool's hetero scenario)
+STALL_AFTER_S = 5.0
+#: drain rates (records/s) at or below this are no rate: the lane has not shown its speed yet
+MIN_RATE = 0.01
 #: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
 #: one measured from a few records long ago, of a worker whose load has changed since, misleads)
 RATE_IDLE_FORGET_S = 3.0
@@ -107,6 +114,10 @@ class LaneRouter:
         self._reading: Mapping[PartitionKey, tuple[int, int]] = {}
         self._rates: dict[PartitionKey, float] = {}
         self._idle_since: dict[PartitionKey, float] = {}
+        #: per lane: when its committed offset last moved, or it last had no backlog
+        self._progress_at: dict[PartitionKey, float] = {}
+        #: lanes with backlog and no progress for STALL_AFTER_S (swapped in whole)
+        self._stalled: frozenset[PartitionKey] = frozenset()
         self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
         self._reading_seen: Mapping[PartitionKey, tuple[int, int]] | None = None
         self._sent: dict[PartitionKey, int] = {}  # all tenants', since the last reading
@@ -133,18 +144,24 @@ class LaneRouter:
             before, then = self._previous
             elapsed = now - then
             for tp, (backlog, committed) in reading.items():
-                if backlog == 0 and rates.get(tp, 1.0) <= STALLED_RATE:
-                    del rates[tp]  # drained after all (its worker is back): measure it afresh
+                old = before.get(tp)
+                if backlog == 0 or old is None or committed > old[1]:
+                    self._progress_at[tp] = now
                 if backlog > 0:
                     self._idle_since.pop(tp, None)
                 elif now - self._idle_since.setdefault(tp, now) >= RATE_IDLE_FORGET_S:
                     rates.pop(tp, None)
-                old = before.get(tp)
                 if old is None or old[0] == 0 or elapsed <= 0:
                     continue  # nothing to drain: its rate says nothing
                 measured = max(0, committed - old[1]) / elapsed
                 known = rates.get(tp)
+                if known is None and measured == 0:
+                    continue  # no request done yet: its speed is still unknown, not zero
                 rates[tp] = measured if known is None else (1 - RATE_SMOOTHING) * known + RATE_SMOOTHING * measured
+        else:
+            self._progress_at.update({tp: now for tp in reading})
+        self._stalled = frozenset(tp for tp, (backlog, _c) in reading.items()
+                                  if backlog > 0 and now - self._progress_at.get(tp, now) >= STALL_AFTER_S)
         self._previous = reading, now
         self._rates = rates
         self._reading = reading
@@ -199,8 +216,8 @@ class LaneRouter:
         lanes = self.lanes(tenant_id, topic)
         if lanes is None:
             return None
-        rates = self._rates
-        known = [rates[(topic, p)] for p in lanes if (topic, p) in rates]
+        rates, stalled = self._rates, self._stalled
+        known = [rates[(topic, p)] for p in lanes if rates.get((topic, p), 0.0) > MIN_RATE]
         average = sum(known) / len(known) if known else None
         best_wait, best = None, []
         with self._lock:
@@ -212,11 +229,13 @@ class LaneRouter:
                 own = mine.outstanding(committed) if mine else 0
                 # own records sit in the backlog too: each is counted once
                 ahead = max(own, load - self.read_ahead)
-                if average is None:
+                if tp in stalled:
+                    wait = float("inf")
+                elif average is None:
                     wait = float(ahead)
                 else:
-                    rate = rates.get(tp, average)
-                    wait = (ahead + 1) / rate if rate > STALLED_RATE else float("inf") if load else 1 / STALLED_RATE
+                    rate = rates.get(tp)
+                    wait = (ahead + 1) / (average if rate is None else max(rate, MIN_RATE))
                 if best_wait is None or wait < best_wait:
                     best_wait, best = wait, [partition]
                 elif wait == best_wait:

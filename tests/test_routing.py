@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from producer.routing import LaneRouter
+from producer.routing import STALL_AFTER_S, LaneRouter
 from schemas.lanes import lane_count, tenant_lanes
 from schemas.messages import Band
 from schemas.topology import Topology
@@ -142,7 +142,7 @@ def test_a_lane_that_drains_faster_gets_more_requests(base_topology: Topology, m
     assert chosen[fast] > 3 * chosen[slow] > 0 and sum(chosen.values()) == chosen[fast] + chosen[slow]
 
 
-def test_a_lane_with_backlog_and_no_progress_gets_nothing(base_topology: Topology, monkeypatch):
+def test_a_lane_with_backlog_and_no_progress_for_a_while_gets_nothing(base_topology: Topology, monkeypatch):
     topic = base_topology.band_topic("default", Band.high)
     dead, *alive = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
     backlog = {(topic, p): 20 for p in [dead, *alive]}
@@ -151,10 +151,34 @@ def test_a_lane_with_backlog_and_no_progress_gets_nothing(base_topology: Topolog
     monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
     routing = router(base_topology, backlog, committed)
     routing.refresh()
-    for p in alive:
-        committed[(topic, p)] = 5
-    routing.refresh()
+    for second in range(1, int(STALL_AFTER_S) + 1):
+        for p in alive:
+            committed[(topic, p)] = 2 * second
+        routing.refresh()
     assert dead not in {routing.partition_for("acme", "default", Band.high) for _ in range(40)}
+    committed[(topic, dead)] = 3  # its worker is back: the lane is measured afresh
+    routing.refresh()
+    assert dead in {routing.partition_for("acme", "default", Band.high) for _ in range(200)}
+
+
+def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_topology: Topology, monkeypatch):
+    """A burst's first second: the lanes whose first request is still running have committed
+    nothing yet. Their speed is unknown, not zero: they keep taking requests (the router once
+    counted them as stalled and sent the whole burst to the lanes that happened to commit)."""
+    topic = base_topology.band_topic("default", Band.low)
+    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    lucky, *running = lanes
+    backlog = {(topic, p): 4 for p in lanes}
+    committed = {tp: 0 for tp in backlog}
+    clock = iter(range(100))
+    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
+    routing = router(base_topology, backlog, committed)
+    routing.refresh()
+    committed[(topic, lucky)] = 2
+    backlog[(topic, lucky)] = 2
+    routing.refresh()
+    chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(4 * len(lanes)))
+    assert sum(chosen[p] for p in running) >= 3 * len(running), chosen
 
 
 def test_a_lane_idle_for_a_while_forgets_its_drain_rate(base_topology: Topology, monkeypatch):
