@@ -49,6 +49,14 @@ log = structlog.get_logger("tierq.worker")
 
 COMMIT_INTERVAL_S = 0.2
 GAUGE_INTERVAL_S = 0.25  # waiting/paused/slots gauges: scanning the buffer every loop turn costs CPU
+#: the loop's wait between turns while a request could start (a slot is free): Kafka has no fd to
+#: await, so a request that arrives is seen at the next poll at the latest
+POLL_S = 0.005
+#: the wait while nothing could start even if a high request arrived (every slot taken, reserved
+#: ones too) and no admitted request waits for a delivery to start: a freed slot wakes the loop at
+#: once (``_slot_freed``), so only what arrives by polling waits longer: cancel records, expiry
+#: replies, delivery callbacks (commits stay at COMMIT_INTERVAL_S), rebalances, tenant reloads
+FULL_POLL_S = 0.02
 
 
 class Buffered(NamedTuple):
@@ -100,9 +108,13 @@ class Worker:
         self.cancels = CancelBook(settings.cancel_memory_s, settings.cancel_memory_limit)
         self.running: dict[str, tuple[asyncio.Task[None], Pending]] = {}  # by request_id
         self._cancelled_by_tenant: set[str] = set()  # running requests whose task a cancel record ended
-        # loop turns, those the 5 ms timer woke (not an event), and those that admitted something:
+        # loop turns, those the timer woke (not an event), and those that admitted something:
         # plain counters read by bench.overhead (nothing allocated per turn)
         self.turns = self.timer_turns = self.admit_turns = 0
+        #: admitted requests whose task has not yet got past the poison guard (it may await a
+        #: delivery callback, which only a loop turn's ``writer.poll`` runs)
+        self._starting: set[str] = set()
+        self.wait_s = POLL_S  # the last wait between turns (POLL_S or FULL_POLL_S), for tests and benches
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -179,21 +191,31 @@ class Worker:
                     self._update_gauges()
                     last_gauges = time.monotonic()
                 self.turns += 1
-                await self._sleep_until_woken(0.005)
+                self.wait_s = self._next_wait()
+                await self._sleep_until_woken(self.wait_s)
         finally:
             await self._shutdown()
         return 0
+
+    def _next_wait(self) -> float:
+        """POLL_S while a request could start if one arrived; FULL_POLL_S while nothing could
+        (``AdmissionPolicy.full``: even a high request would find no slot), nothing admitted awaits
+        a delivery to start, and no stop is under way. A freed slot wakes the loop either way."""
+        if self._starting or self._stop_requested_at is not None or not self.policy.full():
+            return POLL_S
+        return FULL_POLL_S
 
     def _intake_turn(self) -> None:
         """Fetch what arrived, triage it, expire and admit; pause partitions read far enough ahead."""
         messages = self.intake.poll()
         if self.fatal:  # an assignment we cannot serve safely
             return
-        highest: dict[PartitionKey, int] = {}
-        for msg in messages:
-            self._accept(msg)
-            highest[(msg.topic(), msg.partition())] = msg.offset()  # offsets only grow within a batch
-        self.guard.fetched(highest)
+        if messages:
+            highest: dict[PartitionKey, int] = {}
+            for msg in messages:
+                self._accept(msg)
+                highest[(msg.topic(), msg.partition())] = msg.offset()  # offsets only grow within a batch
+            self.guard.fetched(highest)
         now = time.time()
         self._expire(now)
         self._admit(now)
@@ -286,6 +308,7 @@ class Worker:
         admitted = False
         while (item := self.policy.next(now)) is not None:
             admitted = True
+            self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
             task = loop.create_task(self._serve(item))
             tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
             tasks.add(task)
@@ -301,6 +324,7 @@ class Worker:
 
     def _slot_freed(self, item: Pending, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
         tasks.discard(task)
+        self._starting.discard(item.request_id)  # a task cancelled before its first step never ran _serve
         if self.running.get(item.request_id, (None,))[0] is task:
             del self.running[item.request_id]
             self._cancelled_by_tenant.discard(item.request_id)
@@ -316,7 +340,10 @@ class Worker:
         reply: Reply
         progress, stream = Progress(), None
         try:
-            attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
+            try:
+                attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
+            finally:
+                self._starting.discard(request.request_id)
             if request.stream:
                 stream = ChunkStream(request.request_id, request.tenant_id, attempt.number, self._chunk_sender())
                 progress = Progress(stream.on_delta)
