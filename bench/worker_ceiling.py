@@ -34,10 +34,12 @@ from worker.simulated import SimulatedEngine
 #: which part of the worker a profiled function belongs to, by its file (first match wins)
 PARTS = [
     ("intake (Kafka consume, pause/resume)", ("worker/intake.py", "cimpl.Consumer", "consume")),
+    # before decode: pydantic's serializer (to_python) and model_construct belong to the reply
+    ("reply build + encode", ("worker/reply_builder.py", "orjson.dumps", "model_dump", "to_python",
+                              "model_construct")),
     ("decode + validate (triage)", ("worker/triage.py", "schemas/codec.py", "pydantic", "orjson.loads")),
     ("admission", ("worker/admission.py",)),
     ("engine (simulated)", ("worker/simulated.py",)),
-    ("reply build + encode", ("worker/reply_builder.py", "orjson.dumps", "model_dump")),
     ("reply produce + delivery", ("worker/replies.py", "cimpl.Producer", "produce", "poll")),
     ("commit", ("worker/offsets.py", "commit")),
     ("poison guard (held-to markers)", ("worker/poison.py", "worker/attempts.py")),
