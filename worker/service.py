@@ -105,6 +105,7 @@ class Worker:
         self.fatal: str | None = None
         self.served = 0
         self.control = control
+        self.tally = metrics.Tally()  # per-request metrics, handed to prometheus with the gauges
         self.cancels = CancelBook(settings.cancel_memory_s, settings.cancel_memory_limit)
         self.running: dict[str, tuple[asyncio.Task[None], Pending]] = {}  # by request_id
         self._cancelled_by_tenant: set[str] = set()  # running requests whose task a cancel record ended
@@ -249,6 +250,7 @@ class Worker:
         if self.control is not None:
             self.control.close()
         self.writer.close()
+        self.tally.flush()
         log.info("worker_stopped", served=self.served, fatal=self.fatal)
 
     def _reload_tenants(self) -> None:
@@ -316,9 +318,9 @@ class Worker:
             task.add_done_callback(lambda t, item=item, tasks=tasks: self._slot_freed(item, t, tasks))
             self.running[item.request_id] = (task, item)
             served_as = item.served_as or item.band
-            metrics.child(metrics.admitted, item.band.value, served_as.value, item.tenant_id).inc()
+            self.tally.inc(metrics.admitted, item.band.value, served_as.value, item.tenant_id)
             if served_as is not item.band:
-                metrics.child(metrics.promotions, item.band.value).inc()
+                self.tally.inc(metrics.promotions, item.band.value)
         if admitted:
             self.admit_turns += 1
 
@@ -376,16 +378,15 @@ class Worker:
             self._observe(item.band, reply.timing, completion.completion_tokens)
         self._send(reply, item.band, buffered.done, attempt)
 
-    @staticmethod
-    def _observe(band: Band, timing: Timing, completion_tokens: int) -> None:
-        label = band.value
+    def _observe(self, band: Band, timing: Timing, completion_tokens: int) -> None:
+        label, tally = band.value, self.tally
         if timing.queue_ms is not None:
-            metrics.child(metrics.queue_seconds, label).observe(timing.queue_ms / 1000)
+            tally.observe(metrics.queue_seconds, timing.queue_ms / 1000, label)
         if timing.ttft_ms is not None:
-            metrics.child(metrics.ttft_seconds, label).observe(timing.ttft_ms / 1000)
+            tally.observe(metrics.ttft_seconds, timing.ttft_ms / 1000, label)
         if timing.e2e_ms is not None:
-            metrics.child(metrics.e2e_seconds, label).observe(timing.e2e_ms / 1000)
-        metrics.child(metrics.tokens, label).inc(completion_tokens)
+            tally.observe(metrics.e2e_seconds, timing.e2e_ms / 1000, label)
+        tally.inc(metrics.tokens, label, amount=completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
         def durable() -> None:
@@ -393,7 +394,7 @@ class Worker:
             self.guard.answered(reply.request_id, attempt)
 
         self.served += 1
-        metrics.child(metrics.replies, band.value, reply.status.value, reply.tenant_id).inc()
+        self.tally.inc(metrics.replies, band.value, reply.status.value, reply.tenant_id)
         self.writer.reply(self.topology.reply_topic(reply.tenant_id), reply, on_durable=durable)
 
     # ---- streaming and cancellation ----------------------------------------------------
@@ -512,6 +513,7 @@ class Worker:
                             "in topics.yaml and run `tierq topics create`")
 
     def _update_gauges(self) -> None:
+        self.tally.flush()
         for band, count in self.policy.waiting_by_band().items():
             metrics.child(metrics.waiting, band.value).set(count)
         for band, count in self.intake.paused_by_band().items():
