@@ -27,6 +27,7 @@ from bench.common import doc, figure_path, topology, write
 from broker.embedded import EmbeddedBroker
 from producer.client import Producer
 from schemas.logs import configure
+from worker.runner import settle_gc
 from worker.service import build_worker
 from worker.settings import SimulatedSettings, WorkerSettings
 from worker.simulated import SimulatedEngine
@@ -57,6 +58,8 @@ async def drain(bootstrap: str, requests: int, slots: int, profile: cProfile.Pro
         for document in batch:
             producer.submit(document)
         producer.flush(120)
+    del batch
+    settle_gc()  # as run_worker does once the engine is up, before it builds the worker
     worker = build_worker(settings, topo, SimulatedEngine.from_settings(settings))
     task = asyncio.get_running_loop().create_task(worker.run())
     while worker.served == 0:
@@ -73,6 +76,7 @@ async def drain(bootstrap: str, requests: int, slots: int, profile: cProfile.Pro
     worker.request_stop()
     await task
     del worker, task
+    gc.unfreeze()  # what settle_gc froze is this round's startup, not the next one's
     gc.collect()  # release this round's librdkafka handles: their threads would count in the next round's CPU
     served = requests - first
     return {"requests": served, "seconds": round(elapsed, 3), "requests_per_s": round(served / elapsed, 1),

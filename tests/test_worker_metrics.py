@@ -36,3 +36,18 @@ def test_a_flushed_tally_exposes_what_per_request_calls_would_have():
     assert exposed == expected
     tally.flush()  # nothing new: nothing added twice
     assert [line for line in generate_latest(tallied).decode().splitlines() if "_created" not in line] == expected
+
+
+def test_settle_gc_freezes_the_startup_heap_and_raises_the_young_threshold():
+    import gc
+
+    from worker.runner import GC_YOUNG_THRESHOLD, settle_gc
+
+    before = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] >= GC_YOUNG_THRESHOLD
+        assert gc.get_threshold()[1:] == before[1:]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
