@@ -105,6 +105,7 @@ class Worker:
         self.fatal: str | None = None
         self.served = 0
         self.control = control
+        self._reply_topics: dict[str, str] = {}  # by tenant, of self.topology
         self.tally = metrics.Tally()  # per-request metrics, handed to prometheus with the gauges
         self.cancels = CancelBook(settings.cancel_memory_s, settings.cancel_memory_limit)
         self.running: dict[str, tuple[asyncio.Task[None], Pending]] = {}  # by request_id
@@ -213,8 +214,9 @@ class Worker:
             return
         if messages:
             highest: dict[PartitionKey, int] = {}
+            received_at = utc_now()  # one fetch: one time for the batch
             for msg in messages:
-                self._accept(msg)
+                self._accept(msg, received_at)
                 highest[(msg.topic(), msg.partition())] = msg.offset()  # offsets only grow within a batch
             self.guard.fetched(highest)
         now = time.time()
@@ -257,14 +259,14 @@ class Worker:
         if self.reloader is None or (topology := self.reloader.reload(self.topology)) is None:
             return
         self.topology = topology
+        self._reply_topics = {}
         self.triage.tenants = topology.tenants
         self._derive_caps(self.intake.assigned)
         log.info("tenants_reloaded", tenants=sorted(topology.tenants))
 
     # ---- intake ----------------------------------------------------------------------
 
-    def _accept(self, msg: confluent_kafka.Message) -> None:
-        received_at = utc_now()
+    def _accept(self, msg: confluent_kafka.Message, received_at: datetime) -> None:
         tp, offset = (msg.topic(), msg.partition()), msg.offset()
         self.tracker.received(tp, offset)
         band = self.intake.topic_band[msg.topic()]
@@ -395,12 +397,19 @@ class Worker:
 
         self.served += 1
         self.tally.inc(metrics.replies, band.value, reply.status.value, reply.tenant_id)
-        self.writer.reply(self.topology.reply_topic(reply.tenant_id), reply, on_durable=durable)
+        self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=durable)
+
+    def _reply_topic(self, tenant_id: str) -> str:
+        """The tenant's reply topic, formatted once per tenant (per topology: a reload replaces it)."""
+        topic = self._reply_topics.get(tenant_id)
+        if topic is None:
+            topic = self._reply_topics[tenant_id] = self.topology.reply_topic(tenant_id)
+        return topic
 
     # ---- streaming and cancellation ----------------------------------------------------
 
     def _chunk_sender(self) -> Callable[..., None]:
-        return lambda chunk: self.writer.chunk(self.topology.reply_topic(chunk.tenant_id), chunk)
+        return lambda chunk: self.writer.chunk(self._reply_topic(chunk.tenant_id), chunk)
 
     async def _start_control(self) -> None:
         if self.control is None:
