@@ -27,6 +27,7 @@ from bench.common import doc, figure_path, topology, write
 from broker.embedded import EmbeddedBroker
 from producer.client import Producer
 from schemas.logs import configure
+from worker.runner import settle_gc
 from worker.service import build_worker
 from worker.settings import SimulatedSettings, WorkerSettings
 from worker.simulated import SimulatedEngine
@@ -34,10 +35,12 @@ from worker.simulated import SimulatedEngine
 #: which part of the worker a profiled function belongs to, by its file (first match wins)
 PARTS = [
     ("intake (Kafka consume, pause/resume)", ("worker/intake.py", "cimpl.Consumer", "consume")),
+    # before decode: pydantic's serializer (to_python) and model_construct belong to the reply
+    ("reply build + encode", ("worker/reply_builder.py", "orjson.dumps", "model_dump", "to_python",
+                              "model_construct")),
     ("decode + validate (triage)", ("worker/triage.py", "schemas/codec.py", "pydantic", "orjson.loads")),
     ("admission", ("worker/admission.py",)),
     ("engine (simulated)", ("worker/simulated.py",)),
-    ("reply build + encode", ("worker/reply_builder.py", "orjson.dumps", "model_dump")),
     ("reply produce + delivery", ("worker/replies.py", "cimpl.Producer", "produce", "poll")),
     ("commit", ("worker/offsets.py", "commit")),
     ("poison guard (held-to markers)", ("worker/poison.py", "worker/attempts.py")),
@@ -55,6 +58,8 @@ async def drain(bootstrap: str, requests: int, slots: int, profile: cProfile.Pro
         for document in batch:
             producer.submit(document)
         producer.flush(120)
+    del batch
+    settle_gc()  # as run_worker does once the engine is up, before it builds the worker
     worker = build_worker(settings, topo, SimulatedEngine.from_settings(settings))
     task = asyncio.get_running_loop().create_task(worker.run())
     while worker.served == 0:
@@ -71,6 +76,7 @@ async def drain(bootstrap: str, requests: int, slots: int, profile: cProfile.Pro
     worker.request_stop()
     await task
     del worker, task
+    gc.unfreeze()  # what settle_gc froze is this round's startup, not the next one's
     gc.collect()  # release this round's librdkafka handles: their threads would count in the next round's CPU
     served = requests - first
     return {"requests": served, "seconds": round(elapsed, 3), "requests_per_s": round(served / elapsed, 1),

@@ -75,6 +75,24 @@ def test_reserved_slots_keep_room_for_higher_bands():
     assert policy.in_flight == 8
 
 
+def test_full_only_once_even_a_high_request_would_find_no_slot():
+    """The worker sleeps longer while ``full``: it must not be full while a reserved slot is free."""
+    policy = AdmissionPolicy(rules(reserved=(2, 1, 0)), capacity=8)
+    for i in range(20):
+        policy.add(item(f"l{i}", L, t=i))
+    started = drain(policy, now=0, finish=False)
+    assert len(started) == 5 and policy.next(0) is None and not policy.full()  # lows stop; highs could start
+    policy.add(item("m", M, t=1))
+    assert drain(policy, now=1, finish=False) == ["m"] and not policy.full()  # 6 of 8, the rest kept for high
+    assert policy.next(1) is None and not policy.full()
+    for i in range(3):
+        policy.add(item(f"h{i}", H, t=2 + i))
+    assert drain(policy, now=1, finish=False) == ["h0", "h1"] and policy.full()
+    assert policy.next(1) is None  # full: nothing may start, a high included
+    policy.finished(Pending("l0", "a", L, submitted_ts=0))
+    assert not policy.full() and policy.next(1).request_id == "h2" and policy.full()
+
+
 def test_fair_share_between_tenants_in_one_band():
     policy = AdmissionPolicy(rules(), capacity=1)
     for i in range(100):

@@ -44,3 +44,31 @@ def test_every_reply_kind_validates():
     assert expired.status is Status.expired and expired.error.code is ErrorCode.deadline_exceeded
     refused = roundtrip(builder.refused("b" * 32, "acme", {}, Band.high, ErrorCode.invalid_request, "bad"))
     assert refused.status is Status.error and refused.worker == "host/gpu0"
+
+
+def test_construct_makes_what_model_construct_makes():
+    """The builder's own ``construct`` skips model_construct's per-call walk; the instances must not differ."""
+    from schemas.messages import Choice, ErrorInfo, Timing, Usage
+    from worker.reply_builder import construct
+
+    now = utc_now()
+    cases = [
+        (Timing, {"submitted_at": now, "queue_ms": 1.5, "e2e_ms": None}),
+        (Usage, {"prompt_tokens": 3}),
+        (Usage, {}),
+        (Reply, {"request_id": "a" * 32, "tenant_id": "acme", "status": Status.ok, "text": "hi",
+                 "timing": Timing(submitted_at=now), "metadata": {"k": 1},
+                 "choices": [Choice(index=0, text="hi")]}),
+        (Reply, {"request_id": "a" * 32, "tenant_id": "acme", "status": Status.error,
+                 "error": ErrorInfo(code=ErrorCode.engine_error, message="x")}),
+    ]
+    for cls, values in cases:
+        ours, theirs = construct(cls, **values), cls.model_construct(**values)
+        assert list(ours.__dict__) == list(theirs.__dict__) and ours == theirs
+        assert ours.model_fields_set == theirs.model_fields_set
+        assert ours.__pydantic_extra__ == theirs.__pydantic_extra__
+        assert ours.__pydantic_private__ == theirs.__pydantic_private__
+        assert encode(ours) == encode(theirs)
+    first, second = construct(Reply, request_id="a" * 32, tenant_id="t", status=Status.ok), \
+        construct(Reply, request_id="b" * 32, tenant_id="t", status=Status.ok)
+    assert first.metadata is not second.metadata and first.usage is not second.usage  # factories, not shared

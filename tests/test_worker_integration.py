@@ -101,9 +101,15 @@ async def test_request_at_its_attempt_limit_is_answered_with_engine_error(settin
     assert replies["poison-1"].error.code is ErrorCode.engine_error
     assert "3 engine attempts" in replies["poison-1"].error.message
     assert replies[ids[1]].status is Status.ok and replies[ids[1]].attempt == 1
-    ok_low = REGISTRY.get_sample_value("tierq_replies_total", {"band": "low", "status": "ok", "tenant": "acme"})
+    # per-request metrics reach prometheus_client with the gauges (every GAUGE_INTERVAL_S)
+    for _ in range(40):
+        ok_low = REGISTRY.get_sample_value("tierq_replies_total", {"band": "low", "status": "ok", "tenant": "acme"})
+        queued = REGISTRY.get_sample_value("tierq_queue_seconds_count", {"band": "low"})
+        if ok_low and queued:
+            break
+        await asyncio.sleep(0.05)
     assert ok_low is not None and ok_low >= 1
-    assert REGISTRY.get_sample_value("tierq_queue_seconds_count", {"band": "low"}) >= 1
+    assert queued is not None and queued >= 1
 
 
 def leave_marker(settings, topology, group: str, held_to: int) -> None:

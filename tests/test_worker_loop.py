@@ -24,7 +24,7 @@ from schemas.messages import Band, Cancel, Chunk, Request, Status, utc_now
 from schemas.topology import Topology
 from worker.engine import Completion, Progress, check_length
 from worker.poison import Attempt
-from worker.service import Worker
+from worker.service import FULL_POLL_S, POLL_S, Worker
 from worker.settings import WorkerSettings
 
 TOPICS = {Band.high: "p.high", Band.medium: "p.medium", Band.low: "p.low"}
@@ -68,6 +68,7 @@ class FakeIntake:
         #: consumer calls made from inside a rebalance callback (confluent-kafka aborts on some)
         self.calls_in_callback: list[str] = []
         self.partition_count_reads = 0
+        self.commit_calls = 0  # the worker commits every COMMIT_INTERVAL_S of its clock: a loop-time tick
 
     def _callback(self, which: int, *args: Any) -> None:
         assert self._callbacks is not None
@@ -111,6 +112,7 @@ class FakeIntake:
         return {topic: 1 for topic in TOPICS.values()}
 
     def commit(self, offsets: dict[tuple[str, int], int], *, asynchronous: bool = True) -> None:
+        self.commit_calls += 1
         self.committed.update({tp: o for tp, o in offsets.items() if tp in self.assigned})
 
     def close(self) -> None:
@@ -180,6 +182,17 @@ class FakeGuard:
         return True
 
     def released(self, partitions: Any, clean: bool) -> None: ...
+
+
+class SlowMarkerGuard(FakeGuard):
+    """Each attempt waits until the test says its held-to marker is durable (a delivery callback)."""
+
+    def __init__(self) -> None:
+        self.durable = asyncio.Event()
+
+    async def start(self, request_id: str, tp: Any, offset: int) -> Attempt:
+        await self.durable.wait()
+        return Attempt(1, counted=False)
 
 
 class FakeControl:
@@ -262,13 +275,13 @@ def rid(value: bytes) -> str:
 
 
 class Harness:
-    def __init__(self, topo: Topology, slots: int) -> None:
+    def __init__(self, topo: Topology, slots: int, guard: FakeGuard | None = None) -> None:
         self.intake, self.writer, self.engine = FakeIntake(), FakeWriter(), GatedEngine()
         settings = WorkerSettings(_env_file=None, bootstrap_servers="fake:9092", max_num_seqs=slots, engine_queue=0,
                                   worker_id="test/loop", pool="default")
         self.control = FakeControl()
         self.worker = Worker(settings, topo, self.engine, intake=self.intake, writer=self.writer,  # type: ignore[arg-type]
-                             guard=FakeGuard(), control=self.control)  # type: ignore[arg-type]
+                             guard=guard or FakeGuard(), control=self.control)  # type: ignore[arg-type]
         self.task: asyncio.Task[int] | None = None
 
     async def __aenter__(self) -> Harness:
@@ -510,3 +523,63 @@ async def test_a_revocation_does_not_answer_a_streamed_request(base):
         h.intake.revoke([("p.low", 0)])
         await h.until(lambda: h.worker.policy.in_flight == 0, "slot freed")
         assert h.reply_for(streamed) is None and [c.delta for c in h.writer.chunks] == ["Hi"]
+
+
+async def test_a_full_engine_does_not_spin_on_the_timer_and_a_freed_slot_goes_to_the_best_band(base):
+    """Every slot taken: nothing could start whatever arrives, so the loop waits FULL_POLL_S between
+    turns, not POLL_S (it woke 200 times a second for nothing). Counted over the worker's own
+    commit ticks, whatever the machine's speed: each timer turn is a whole wait."""
+    async with Harness(topology(base), slots=2) as h:
+        lows = [request("low") for _ in range(3)]
+        for low in lows:
+            h.publish(Band.low, low)
+        await h.until(lambda: len(h.engine.started) == 2 and h.worker.policy.waiting_by_band()[Band.low] == 1)
+        await h.until(lambda: h.worker.wait_s == FULL_POLL_S, "the long wait while full")
+        high = request("high")
+        h.intake.publish(Band.high, high)  # arrives by polling only: no wake-up
+        await h.until(lambda: h.worker.policy.waiting_by_band()[Band.high] == 1, "the high is read while full")
+        timer_turns, commits, started = h.worker.timer_turns, h.intake.commit_calls, time.monotonic()
+        await h.until(lambda: h.intake.commit_calls >= commits + 3, "three commit ticks")
+        elapsed = time.monotonic() - started
+        assert h.worker.timer_turns - timer_turns <= elapsed / FULL_POLL_S + 1  # POLL_S: ~4x as many
+        assert h.engine.started == [rid(lows[0]), rid(lows[1])] and h.worker.policy.full()
+        h.engine.finish(rid(lows[0]))  # the freed slot wakes the loop; the high takes it, not the waiting low
+        await h.until(lambda: len(h.engine.started) == 3)
+        assert h.engine.started[2] == rid(high)
+        h.engine.finish(rid(lows[1]))
+        await h.until(lambda: len(h.engine.started) == 4 and h.worker.wait_s == FULL_POLL_S)
+        h.engine.finish(rid(high))
+        await h.until(lambda: h.worker.policy.in_flight == 1 and h.worker.wait_s == POLL_S, "back to the short poll")
+
+
+async def test_a_high_is_admitted_at_the_next_poll_while_a_reserved_slot_is_free(base):
+    """Lows fill every slot they may; the reserved ones are free, so the loop keeps polling every
+    POLL_S and a high that arrives (seen by polling, no wake-up) starts at the next turn."""
+    async with Harness(topology(base, reserved=(2, 0, 0)), slots=4) as h:
+        for _ in range(5):
+            h.publish(Band.low, request("low"))
+        await h.until(lambda: len(h.engine.started) == 2 and h.worker.policy.waiting_by_band()[Band.low] == 3)
+        assert not h.worker.policy.full()
+        await h.until(lambda: h.worker.turns >= 3 and h.worker.wait_s == POLL_S)
+        high = request("high")
+        turns = h.worker.turns
+        h.intake.publish(Band.high, high)
+        await h.until(lambda: rid(high) in h.engine.started, "the high starts beside the running lows")
+        assert h.worker.turns - turns <= 2 and h.worker.wait_s == POLL_S  # one poll to see it (one more at most)
+        assert len(h.engine.running()) == 3
+
+
+async def test_the_short_poll_stays_while_an_admitted_request_waits_for_a_delivery(base):
+    """Full, but the admitted request's held-to marker is not durable yet: only a loop turn's
+    ``writer.poll`` runs that delivery callback, so the loop keeps polling every POLL_S."""
+    guard = SlowMarkerGuard()
+    async with Harness(topology(base), slots=1, guard=guard) as h:
+        low = request("low")
+        h.publish(Band.low, low)
+        await h.until(lambda: h.worker.policy.full() and h.worker.turns >= 2, "admitted")
+        turns = h.worker.turns
+        await h.until(lambda: h.worker.turns >= turns + 2)
+        assert h.worker.wait_s == POLL_S and not h.engine.started
+        guard.durable.set()
+        await h.until(lambda: h.engine.started == [rid(low)])
+        await h.until(lambda: h.worker.wait_s == FULL_POLL_S, "the long wait once it runs")

@@ -101,6 +101,11 @@ class AdmissionPolicy:
         """In-flight requests below which a request of effective ``band`` may start."""
         return self._limit[band]
 
+    def full(self) -> bool:
+        """Nothing may start, whatever arrives: even a high request finds no slot (reserved ones
+        included). Only a finished request changes that (``finished``)."""
+        return self.in_flight >= self._limit[Band.high]
+
     def add(self, item: Pending) -> None:
         item.seq = next(self._seq)
         item.promote_at = self._promotion_times(item) if self.aging else ()
@@ -146,7 +151,7 @@ class AdmissionPolicy:
 
     def next(self, now: float) -> Pending | None:
         """Remove and return the request to start now, or None if nothing may start."""
-        if not self._queues or self.in_flight >= self._limit[Band.high]:  # full: skip the scan
+        if not self._queues or self.full():  # skip the scan
             return None
         best_queue, best_key, best_band = None, None, Band.low
         for (_band, tenant_id), queue in self._queues.items():

@@ -49,6 +49,14 @@ log = structlog.get_logger("tierq.worker")
 
 COMMIT_INTERVAL_S = 0.2
 GAUGE_INTERVAL_S = 0.25  # waiting/paused/slots gauges: scanning the buffer every loop turn costs CPU
+#: the loop's wait between turns while a request could start (a slot is free): Kafka has no fd to
+#: await, so a request that arrives is seen at the next poll at the latest
+POLL_S = 0.005
+#: the wait while nothing could start even if a high request arrived (every slot taken, reserved
+#: ones too) and no admitted request waits for a delivery to start: a freed slot wakes the loop at
+#: once (``_slot_freed``), so only what arrives by polling waits longer: cancel records, expiry
+#: replies, delivery callbacks (commits stay at COMMIT_INTERVAL_S), rebalances, tenant reloads
+FULL_POLL_S = 0.02
 
 
 class Buffered(NamedTuple):
@@ -97,12 +105,18 @@ class Worker:
         self.fatal: str | None = None
         self.served = 0
         self.control = control
+        self._reply_topics: dict[str, str] = {}  # by tenant, of self.topology
+        self.tally = metrics.Tally()  # per-request metrics, handed to prometheus with the gauges
         self.cancels = CancelBook(settings.cancel_memory_s, settings.cancel_memory_limit)
         self.running: dict[str, tuple[asyncio.Task[None], Pending]] = {}  # by request_id
         self._cancelled_by_tenant: set[str] = set()  # running requests whose task a cancel record ended
-        # loop turns, those the 5 ms timer woke (not an event), and those that admitted something:
+        # loop turns, those the timer woke (not an event), and those that admitted something:
         # plain counters read by bench.overhead (nothing allocated per turn)
         self.turns = self.timer_turns = self.admit_turns = 0
+        #: admitted requests whose task has not yet got past the poison guard (it may await a
+        #: delivery callback, which only a loop turn's ``writer.poll`` runs)
+        self._starting: set[str] = set()
+        self.wait_s = POLL_S  # the last wait between turns (POLL_S or FULL_POLL_S), for tests and benches
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -179,21 +193,32 @@ class Worker:
                     self._update_gauges()
                     last_gauges = time.monotonic()
                 self.turns += 1
-                await self._sleep_until_woken(0.005)
+                self.wait_s = self._next_wait()
+                await self._sleep_until_woken(self.wait_s)
         finally:
             await self._shutdown()
         return 0
+
+    def _next_wait(self) -> float:
+        """POLL_S while a request could start if one arrived; FULL_POLL_S while nothing could
+        (``AdmissionPolicy.full``: even a high request would find no slot), nothing admitted awaits
+        a delivery to start, and no stop is under way. A freed slot wakes the loop either way."""
+        if self._starting or self._stop_requested_at is not None or not self.policy.full():
+            return POLL_S
+        return FULL_POLL_S
 
     def _intake_turn(self) -> None:
         """Fetch what arrived, triage it, expire and admit; pause partitions read far enough ahead."""
         messages = self.intake.poll()
         if self.fatal:  # an assignment we cannot serve safely
             return
-        highest: dict[PartitionKey, int] = {}
-        for msg in messages:
-            self._accept(msg)
-            highest[(msg.topic(), msg.partition())] = msg.offset()  # offsets only grow within a batch
-        self.guard.fetched(highest)
+        if messages:
+            highest: dict[PartitionKey, int] = {}
+            received_at = utc_now()  # one fetch: one time for the batch
+            for msg in messages:
+                self._accept(msg, received_at)
+                highest[(msg.topic(), msg.partition())] = msg.offset()  # offsets only grow within a batch
+            self.guard.fetched(highest)
         now = time.time()
         self._expire(now)
         self._admit(now)
@@ -227,20 +252,21 @@ class Worker:
         if self.control is not None:
             self.control.close()
         self.writer.close()
+        self.tally.flush()
         log.info("worker_stopped", served=self.served, fatal=self.fatal)
 
     def _reload_tenants(self) -> None:
         if self.reloader is None or (topology := self.reloader.reload(self.topology)) is None:
             return
         self.topology = topology
+        self._reply_topics = {}
         self.triage.tenants = topology.tenants
         self._derive_caps(self.intake.assigned)
         log.info("tenants_reloaded", tenants=sorted(topology.tenants))
 
     # ---- intake ----------------------------------------------------------------------
 
-    def _accept(self, msg: confluent_kafka.Message) -> None:
-        received_at = utc_now()
+    def _accept(self, msg: confluent_kafka.Message, received_at: datetime) -> None:
         tp, offset = (msg.topic(), msg.partition()), msg.offset()
         self.tracker.received(tp, offset)
         band = self.intake.topic_band[msg.topic()]
@@ -286,6 +312,7 @@ class Worker:
         admitted = False
         while (item := self.policy.next(now)) is not None:
             admitted = True
+            self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
             task = loop.create_task(self._serve(item))
             tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
             tasks.add(task)
@@ -293,14 +320,15 @@ class Worker:
             task.add_done_callback(lambda t, item=item, tasks=tasks: self._slot_freed(item, t, tasks))
             self.running[item.request_id] = (task, item)
             served_as = item.served_as or item.band
-            metrics.child(metrics.admitted, item.band.value, served_as.value, item.tenant_id).inc()
+            self.tally.inc(metrics.admitted, item.band.value, served_as.value, item.tenant_id)
             if served_as is not item.band:
-                metrics.child(metrics.promotions, item.band.value).inc()
+                self.tally.inc(metrics.promotions, item.band.value)
         if admitted:
             self.admit_turns += 1
 
     def _slot_freed(self, item: Pending, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
         tasks.discard(task)
+        self._starting.discard(item.request_id)  # a task cancelled before its first step never ran _serve
         if self.running.get(item.request_id, (None,))[0] is task:
             del self.running[item.request_id]
             self._cancelled_by_tenant.discard(item.request_id)
@@ -316,7 +344,10 @@ class Worker:
         reply: Reply
         progress, stream = Progress(), None
         try:
-            attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
+            try:
+                attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
+            finally:
+                self._starting.discard(request.request_id)
             if request.stream:
                 stream = ChunkStream(request.request_id, request.tenant_id, attempt.number, self._chunk_sender())
                 progress = Progress(stream.on_delta)
@@ -349,16 +380,15 @@ class Worker:
             self._observe(item.band, reply.timing, completion.completion_tokens)
         self._send(reply, item.band, buffered.done, attempt)
 
-    @staticmethod
-    def _observe(band: Band, timing: Timing, completion_tokens: int) -> None:
-        label = band.value
+    def _observe(self, band: Band, timing: Timing, completion_tokens: int) -> None:
+        label, tally = band.value, self.tally
         if timing.queue_ms is not None:
-            metrics.child(metrics.queue_seconds, label).observe(timing.queue_ms / 1000)
+            tally.observe(metrics.queue_seconds, timing.queue_ms / 1000, label)
         if timing.ttft_ms is not None:
-            metrics.child(metrics.ttft_seconds, label).observe(timing.ttft_ms / 1000)
+            tally.observe(metrics.ttft_seconds, timing.ttft_ms / 1000, label)
         if timing.e2e_ms is not None:
-            metrics.child(metrics.e2e_seconds, label).observe(timing.e2e_ms / 1000)
-        metrics.child(metrics.tokens, label).inc(completion_tokens)
+            tally.observe(metrics.e2e_seconds, timing.e2e_ms / 1000, label)
+        tally.inc(metrics.tokens, label, amount=completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
         def durable() -> None:
@@ -366,13 +396,20 @@ class Worker:
             self.guard.answered(reply.request_id, attempt)
 
         self.served += 1
-        metrics.child(metrics.replies, band.value, reply.status.value, reply.tenant_id).inc()
-        self.writer.reply(self.topology.reply_topic(reply.tenant_id), reply, on_durable=durable)
+        self.tally.inc(metrics.replies, band.value, reply.status.value, reply.tenant_id)
+        self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=durable)
+
+    def _reply_topic(self, tenant_id: str) -> str:
+        """The tenant's reply topic, formatted once per tenant (per topology: a reload replaces it)."""
+        topic = self._reply_topics.get(tenant_id)
+        if topic is None:
+            topic = self._reply_topics[tenant_id] = self.topology.reply_topic(tenant_id)
+        return topic
 
     # ---- streaming and cancellation ----------------------------------------------------
 
     def _chunk_sender(self) -> Callable[..., None]:
-        return lambda chunk: self.writer.chunk(self.topology.reply_topic(chunk.tenant_id), chunk)
+        return lambda chunk: self.writer.chunk(self._reply_topic(chunk.tenant_id), chunk)
 
     async def _start_control(self) -> None:
         if self.control is None:
@@ -487,6 +524,7 @@ class Worker:
                             "in topics.yaml and run `tierq topics create`")
 
     def _update_gauges(self) -> None:
+        self.tally.flush()
         for band, count in self.policy.waiting_by_band().items():
             metrics.child(metrics.waiting, band.value).set(count)
         for band, count in self.intake.paused_by_band().items():
