@@ -468,7 +468,13 @@ class Worker:
     # ---- rebalancing and gauges ------------------------------------------------------
 
     def _on_assigned(self, partitions: list[PartitionKey]) -> None:
-        """Read the attempts topic to its end first: a dead predecessor's marker makes suspects."""
+        """Read the attempts topic to its end first: a dead predecessor's marker makes suspects.
+        An empty assignment (a cooperative rebalance round that gave this worker nothing; three
+        band groups make many) only completes the picture of which bands we hold: reading the
+        attempts topic or the partition counts for it would stall the loop for nothing."""
+        if not partitions:
+            self._warn_if_a_band_is_missing()
+            return
         if not self.guard.assigned(partitions):
             self.fatal = "cannot read the attempts topic to its end (a dead worker's marker may be unknown)"
             return
@@ -489,7 +495,10 @@ class Worker:
             self._derive_caps(self.intake.assigned)
 
     def _on_revoked(self, partitions: list[PartitionKey], lost: bool) -> None:
-        """Stop work from partitions we no longer own; commit what is done unless they are lost."""
+        """Stop work from partitions we no longer own; commit what is done unless they are lost.
+        Nothing revoked, nothing to do (the flush below would stall the loop for every in-flight reply)."""
+        if not partitions:
+            return
         revoked = set(partitions)
         for tp in partitions:
             for task in self.tasks_by_partition.pop(tp, set()):
