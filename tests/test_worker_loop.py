@@ -383,7 +383,7 @@ class CountingWriter(FakeWriter):
 def test_empty_rebalance_rounds_do_not_read_the_attempts_topic_or_flush(base):
     """Cooperative rebalances of three band groups call back with empty lists often; each call
     used to read the attempts topic to its end (assigned) or flush every in-flight reply (revoked)
-    on the loop's thread: a high request waited 120-240 ms in the buffer behind it (bench.pool)."""
+    on the loop's thread, stalling it for nothing."""
     h = Harness(topology(base), slots=1)
     guard, writer = CountingGuard(), CountingWriter()
     h.worker.guard, h.worker.writer = guard, writer  # type: ignore[assignment]
