@@ -40,6 +40,16 @@ def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None
     return LaneRouter(topology, counts.get, source if backlog is not None else None, **options)
 
 
+def ticking_router(monkeypatch, topology: Topology, backlog: dict[tuple[str, int], int],
+                   committed: dict[tuple[str, int], int]) -> LaneRouter:
+    """``router`` on a clock that moves one second per reading, with its first reading taken."""
+    clock = iter(range(100))
+    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
+    routing = router(topology, backlog, committed)
+    routing.refresh()
+    return routing
+
+
 def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: Topology):
     routing = router(base_topology)
     sent = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(120))
@@ -130,10 +140,7 @@ def test_a_lane_that_drains_faster_gets_more_requests(base_topology: Topology, m
     fast, slow, *others = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
     backlog = {(topic, p): 1000 for p in others} | {(topic, fast): 40, (topic, slow): 40}
     committed = {tp: 0 for tp in backlog}
-    clock = iter(range(100))
-    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
-    routing = router(base_topology, backlog, committed)
-    routing.refresh()
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed)
     committed[(topic, fast)], committed[(topic, slow)] = 40, 10  # in one second: 40/s against 10/s
     routing.refresh()
     chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(200))
@@ -147,10 +154,7 @@ def test_a_lane_with_backlog_and_no_progress_for_a_while_gets_nothing(base_topol
     dead, *alive = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
     backlog = {(topic, p): 20 for p in [dead, *alive]}
     committed = {tp: 0 for tp in backlog}
-    clock = iter(range(100))
-    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
-    routing = router(base_topology, backlog, committed)
-    routing.refresh()
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed)
     for second in range(1, int(STALL_AFTER_S) + 1):
         for p in alive:
             committed[(topic, p)] = 2 * second
@@ -170,10 +174,7 @@ def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_t
     lucky, *running = lanes
     backlog = {(topic, p): 4 for p in lanes}
     committed = {tp: 0 for tp in backlog}
-    clock = iter(range(100))
-    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
-    routing = router(base_topology, backlog, committed)
-    routing.refresh()
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed)
     committed[(topic, lucky)] = 2
     backlog[(topic, lucky)] = 2
     routing.refresh()
@@ -187,10 +188,7 @@ def test_a_lane_idle_for_a_while_forgets_its_drain_rate(base_topology: Topology,
     lanes = [fast, slow, *others]
     backlog = {(topic, p): 40 for p in lanes}
     committed = {tp: 0 for tp in backlog}
-    clock = iter(range(100))
-    monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
-    routing = router(base_topology, backlog, committed)
-    routing.refresh()
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed)
     committed[(topic, fast)], committed[(topic, slow)] = 40, 1
     routing.refresh()
     assert Counter(routing.partition_for("acme", "default", Band.low) for _ in range(10))[slow] == 0
