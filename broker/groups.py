@@ -7,7 +7,8 @@ log start (``auto.offset.reset=earliest``) and serve again everything ever answe
 joining, a worker copies the old group's committed offset of every partition for which its band
 group has none yet (``adopt_pool_group_offsets``). Kafka accepts such a commit only while the
 band group has no members, which is exactly the first start of an upgraded pool; later starts
-find the band group's own offsets and copy nothing.
+find the band group's own offsets and copy nothing. If the copy cannot be made (or checked), the
+worker does not start (``GroupAdoptionError``; its supervisor's restart tries again).
 """
 
 from __future__ import annotations
@@ -38,35 +39,56 @@ def committed_offsets(admin: AdminClient, group: str, partitions: list[TopicPart
             if tp.error is None and tp.offset >= 0}
 
 
+class GroupAdoptionError(RuntimeError):
+    """The old pool group's offsets could not be carried into the band groups: joining anyway
+    would serve every retained request again, so the worker does not start (a restart retries)."""
+
+
 def adopt_pool_group_offsets(settings: Settings, pool_group: str, band_groups: Mapping[str, str],
-                             timeout: float = 10.0) -> dict[str, int]:
+                             timeout: float = 10.0, admin: AdminClient | None = None) -> dict[str, int]:
     """Copy ``pool_group``'s committed offsets into each topic's band group where it has none.
 
-    Returns the number of partitions adopted per band group. Failures are logged, not raised:
-    a pool that never ran an older version has nothing to adopt, and a band group that already
-    has members (another upgraded worker got there first) refuses the commit and needs none."""
-    admin = AdminClient(settings.librdkafka("groups-admin", **{"allow.auto.create.topics": False}))
+    Returns the number of partitions adopted per band group. A pool that never ran an older
+    version has nothing to adopt. A band group that refuses the commit because another upgraded
+    worker joined it first has its own offsets by then (read again to be sure). Anything else
+    raises ``GroupAdoptionError``: the broker did not answer, or offsets would be left behind."""
+    admin = admin or AdminClient(settings.librdkafka("groups-admin", **{"allow.auto.create.topics": False}))
     adopted: dict[str, int] = {}
     try:
         metadata = admin.list_topics(timeout=timeout)
         partitions = {topic: [TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)]
-                      for topic in band_groups if topic in metadata.topics}
-        old = committed_offsets(admin, pool_group, [tp for tps in partitions.values() for tp in tps], timeout)
-        if not old:
-            return adopted
+                      for topic in band_groups if topic in metadata.topics and metadata.topics[topic].partitions}
+        every = [tp for tps in partitions.values() for tp in tps]
+        old = committed_offsets(admin, pool_group, every, timeout) if every else {}
         for topic, group in band_groups.items():
-            own = committed_offsets(admin, group, partitions.get(topic, []), timeout)
-            missing = [TopicPartition(topic, p, offset) for (t, p), offset in old.items()
-                       if t == topic and (t, p) not in own]
+            missing = _missing(admin, group, topic, partitions.get(topic, []), old, timeout)
             if not missing:
                 continue
             future = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, missing)],
                                                         request_timeout=timeout)[group]
-            future.result()
+            try:
+                refused = [tp for tp in future.result().topic_partitions if tp.error is not None]
+            except KafkaException as exc:
+                refused, why = missing, str(exc)
+            else:
+                why = "; ".join(f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in refused)
+            if refused and _missing(admin, group, topic, partitions[topic], old, timeout):
+                raise GroupAdoptionError(f"cannot copy {pool_group}'s committed offsets into {group} ({why}); "
+                                         "starting would serve its answered requests again")
             adopted[group] = len(missing)
             log.info("pool_group_offsets_adopted", group=group, from_group=pool_group,
                      offsets={f"{tp.topic}[{tp.partition}]": tp.offset for tp in missing})
     except KafkaException as exc:
-        log.warning("pool_group_offsets_not_adopted", from_group=pool_group, error=str(exc),
-                    why="a band group with members already has its own offsets; otherwise check the broker")
+        raise GroupAdoptionError(f"cannot read the committed offsets of {pool_group} or its band groups: {exc}; "
+                                 "starting could serve answered requests again") from None
     return adopted
+
+
+def _missing(admin: AdminClient, group: str, topic: str, partitions: list[TopicPartition],
+             old: Mapping[tuple[str, int], int], timeout: float) -> list[TopicPartition]:
+    """The old group's offsets of ``topic`` that ``group`` has no committed offset for."""
+    wanted = [TopicPartition(t, p, offset) for (t, p), offset in old.items() if t == topic]
+    if not wanted:
+        return []
+    own = committed_offsets(admin, group, partitions, timeout)
+    return [tp for tp in wanted if (tp.topic, tp.partition) not in own]

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from broker.groups import GroupAdoptionError
 from schemas.codec import encode
 from schemas.messages import Band, Cancel, Chunk, Request, Status, utc_now
 from schemas.topology import Topology
@@ -393,6 +394,18 @@ def test_empty_rebalance_rounds_do_not_read_the_attempts_topic_or_flush(base):
     h.worker._on_assigned([(TOPICS[Band.low], 0)])
     h.worker._on_revoked([(TOPICS[Band.low], 0)], False)
     assert guard.assigned_calls == [[(TOPICS[Band.low], 0)]] and writer.flushes == 1
+
+
+async def test_a_worker_that_cannot_adopt_the_old_groups_offsets_does_not_start(base):
+    """Joining the band groups without the old pool group's offsets would serve its history again."""
+    h = Harness(topology(base), slots=1)
+
+    def refuse(**_callbacks: Any) -> None:
+        raise GroupAdoptionError("cannot copy g's committed offsets into g-low")
+
+    h.intake.subscribe = refuse  # type: ignore[method-assign]
+    assert await asyncio.wait_for(h.worker.run(), 10) == 1
+    assert h.worker.fatal is not None and "g-low" in h.worker.fatal and not h.engine.started
 
 
 def test_a_missing_band_is_warned_about_only_once_every_bands_group_has_assigned(base):

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import confluent_kafka
 import structlog
 
+from broker.groups import GroupAdoptionError
 from broker.topics import PartitionKey
 from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request, Timing, utc_now
 from schemas.tenants import TenantsReloader
@@ -164,7 +165,13 @@ class Worker:
         await asyncio.to_thread(self.guard.load)
         await self._start_control()
         self._partition_counts = self.intake.partition_counts() or self._partition_counts
-        self.intake.subscribe(on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+        try:
+            self.intake.subscribe(on_assigned=self._on_assigned, on_revoked=self._on_revoked)
+        except GroupAdoptionError as exc:
+            log.error("worker_fatal", reason=str(exc))
+            self.fatal = str(exc)
+            await self._shutdown()
+            return 1
         log.info("worker_started", pool=self.pool, worker=self.settings.worker_id,
                  slots=self.settings.max_num_seqs, capacity=self.policy.capacity)
         last_commit = last_gauges = 0.0
