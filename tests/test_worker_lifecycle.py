@@ -23,7 +23,7 @@ import yaml
 
 from schemas.codec import decode_reply
 from tests.kafka_helpers import read_to_end
-from tests.worker_fixtures import custom_topology, publish, request
+from tests.worker_fixtures import Publisher, custom_topology, publish, request
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -101,13 +101,19 @@ async def test_sigterm_drains_and_sigkill_loses_nothing(settings, base_topology,
     # answered to be served again, as after a crash; nothing may be lost either way.
     a_lost_session = '"partitions_lost"' in (tmp_path / "a.log").read_text()
 
+    # B may answer everything of the first batch before it is killed (a quiet machine serves it
+    # fast): a second batch, acknowledged just before the kill, is work B holds or has not read
+    # yet, for C (a producer made in advance: a new one's first send waits ~0.5 s for its id)
+    publisher = Publisher(settings, topology)
     b = spawn_worker(settings, topics_path, tiny_model, group, "B", tmp_path / "b.log")
     try:
         await wait_for_replies_from(settings, topology, "B", 20, b)
+        ids += await publisher.send([request(priority="low", max_tokens=64) for _ in range(60)])
         b.send_signal(signal.SIGKILL)
         await asyncio.to_thread(b.wait, 30)
     finally:
         kill_group(b)
+        publisher.close()
 
     start_worker(topology, group_id=group, worker_id="C")
     loop = asyncio.get_running_loop()
