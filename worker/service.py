@@ -338,7 +338,12 @@ class Worker:
         self._starting.discard(item.request_id)  # a task cancelled before its first step never ran _serve
         if self.running.get(item.request_id, (None,))[0] is task:
             del self.running[item.request_id]
-            self._cancelled_by_tenant.discard(item.request_id)
+            if task.cancelled() and item.request_id in self._cancelled_by_tenant:
+                # the tenant's cancel reached the task before its first step: ``_serve`` never ran
+                self._cancelled_by_tenant.discard(item.request_id)
+                buffered: Buffered = item.payload
+                self._send(self.replies.cancelled(buffered.request, item.band, None, received_at=buffered.received_at),
+                           item.band, buffered.done)
         self.policy.finished(item)
         self._wake.set()
 
