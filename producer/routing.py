@@ -51,7 +51,7 @@ from typing import Any
 import structlog
 
 from broker.topics import PartitionKey
-from schemas.lanes import READ_AHEAD_PER_PARTITION, tenant_lanes
+from schemas.lanes import READ_AHEAD_PER_PARTITION
 from schemas.messages import Band
 from schemas.topology import Topology
 
@@ -191,15 +191,14 @@ class LaneRouter:
                 self._counts[topic] = counted
         return counted
 
-    def lanes(self, tenant_id: str, topic: str) -> list[int] | None:
+    def lanes(self, tenant_id: str, band: Band, topic: str) -> list[int] | None:
         partitions = self._partitions(topic)
         if not partitions:
             return None
         key = (tenant_id, topic, partitions)
         lanes = self._lanes.get(key)
         if lanes is None:
-            tenant = self.topology.tenants.get(tenant_id)
-            lanes = self._lanes[key] = tenant_lanes(tenant_id, topic, partitions, tenant.lanes if tenant else None)
+            lanes = self._lanes[key] = self.topology.tenant_lanes(tenant_id, band, topic, partitions)
         return lanes
 
     def partition_for(self, tenant_id: str, pool: str, band: Band) -> int | None:
@@ -213,7 +212,7 @@ class LaneRouter:
             for counted_topic, partition in reading:
                 self._counts[counted_topic] = max(self._counts.get(counted_topic, 0), partition + 1)
         topic = self.topology.band_topic(pool, band)
-        lanes = self.lanes(tenant_id, topic)
+        lanes = self.lanes(tenant_id, band, topic)
         if lanes is None:
             return None
         rates, stalled = self._rates, self._stalled

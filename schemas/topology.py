@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from schemas.lanes import DEFAULT_LANE_SHARE, HIGH_LANE_SHARE, tenant_lanes
 from schemas.messages import BAND_ORDER, Band, PoolName, TenantId
 
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
@@ -31,6 +32,9 @@ class BandConfig(_Config):
     partitions: int = Field(default=3, ge=1, le=10_000)
     aging_step_s: float | None = Field(default=None, gt=0)
     reserved_slots: int = Field(default=0, ge=0)
+    #: share of the partitions a tenant's requests spread over (schemas.lanes); null: every
+    #: partition for high, 3/4 for medium and low
+    lane_share: float | None = Field(default=None, gt=0, le=1)
 
 
 class PoolConfig(_Config):
@@ -81,7 +85,8 @@ class TenantConfig(_Config):
     on_priority_above_max: Literal["reject", "lower"] = "reject"
     api_key_hashes: list[ApiKeyHash] = Field(default_factory=list)
     quotas: Quotas = Field(default_factory=Quotas)
-    #: partitions per band this tenant's requests are spread over (schemas.lanes); null: 3/4 of the band's
+    #: partitions per band this tenant's requests are spread over (schemas.lanes); null: the band's
+    #: ``lane_share`` of its partitions
     lanes: int | None = Field(default=None, ge=1)
 
 
@@ -189,6 +194,15 @@ class Topology(_Config):
 
     def pool_topics(self, pool: str) -> dict[Band, str]:
         return {band: self.band_topic(pool, band) for band in BAND_ORDER}
+
+    def tenant_lanes(self, tenant_id: str, band: Band, topic: str, partitions: int) -> list[int]:
+        """The partitions of ``topic`` (band ``band``, ``partitions`` of them) that the tenant's
+        requests go to: its configured ``lanes``, else the band's ``lane_share`` (schemas.lanes)."""
+        tenant = self.tenants.get(tenant_id)
+        share = self.bands[band].lane_share
+        if share is None:
+            share = HIGH_LANE_SHARE if band is Band.high else DEFAULT_LANE_SHARE
+        return tenant_lanes(tenant_id, topic, partitions, tenant.lanes if tenant else None, share)
 
     @staticmethod
     def pool_group(pool: str) -> str:

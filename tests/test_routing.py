@@ -22,6 +22,22 @@ def test_lanes_are_stable_sized_and_different_per_tenant():
     assert acme != globex and set(globex) - set(acme), "globex needs lanes that acme's flood never fills"
 
 
+
+def test_a_tenants_high_requests_may_use_every_partition_and_a_band_may_say_otherwise(base_topology: Topology):
+    """Fewer high lanes than partitions land unevenly on the workers (6 of 8 over 4 workers
+    holding 2 each: 2, 2, 1, 1), and a high trickle then overflows the busier workers' reserved
+    slots; medium and low keep 3/4 so a flood leaves other tenants partitions of their own."""
+    lanes = {band: base_topology.tenant_lanes("acme", band, f"t.{band.value}", 8) for band in Band}
+    assert lanes[Band.high] == list(range(8)) and len(lanes[Band.medium]) == len(lanes[Band.low]) == 6
+    document = base_topology.model_dump(mode="json")
+    document["bands"]["high"]["lane_share"] = 0.5
+    document["bands"]["low"]["lane_share"] = 1.0
+    configured = Topology.model_validate(document)
+    assert len(configured.tenant_lanes("acme", Band.high, "t.high", 8)) == 4
+    assert configured.tenant_lanes("acme", Band.low, "t.low", 16) == list(range(16))
+    document["tenants"]["acme"]["lanes"] = 3  # the tenant's own setting wins in every band
+    assert len(Topology.model_validate(document).tenant_lanes("acme", Band.high, "t.high", 8)) == 3
+
 def test_growing_partitions_keeps_most_lanes():
     before, after = set(tenant_lanes("acme", LOW, 16, lanes=8)), set(tenant_lanes("acme", LOW, 32, lanes=8))
     assert all(p < 16 for p in before)
@@ -53,14 +69,14 @@ def ticking_router(monkeypatch, topology: Topology, backlog: dict[tuple[str, int
 def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: Topology):
     routing = router(base_topology)
     sent = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(120))
-    lanes = routing.lanes("acme", base_topology.band_topic("default", Band.low))
+    lanes = routing.lanes("acme", Band.low, base_topology.band_topic("default", Band.low))
     assert set(sent) == set(lanes)
     assert max(sent.values()) - min(sent.values()) <= 1
 
 
 def test_backlog_the_workers_cannot_have_read_yet_counts_against_a_lane(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.low)
-    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    lanes = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
     idle = lanes[0]
     backlog = {(topic, p): 50 for p in lanes}
     backlog[(topic, idle)] = 0
@@ -91,7 +107,7 @@ def test_another_tenants_backlog_within_the_read_ahead_does_not_push_a_tenant_aw
 
 def test_a_tenants_own_requests_count_until_the_group_commits_past_them(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.high)
-    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
+    lanes = base_topology.tenant_lanes("acme", Band.high, topic, base_topology.bands[Band.high].partitions)
     backlog = {(topic, p): 0 for p in lanes}
     committed = {(topic, p): 0 for p in lanes}
     routing = router(base_topology, backlog, committed)
@@ -113,7 +129,7 @@ def test_a_tenants_own_requests_count_until_the_group_commits_past_them(base_top
 
 def test_a_record_not_written_stops_counting(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.high)
-    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
+    lanes = base_topology.tenant_lanes("acme", Band.high, topic, base_topology.bands[Band.high].partitions)
     routing = router(base_topology)
     sent = Counter(routing.partition_for("acme", "default", Band.high) for _ in range(5 * len(lanes)))
     assert sent == Counter({p: 5 for p in lanes})  # unacknowledged: each counts
@@ -137,7 +153,7 @@ def test_unknown_partition_counts_fall_back_to_the_key(base_topology: Topology):
 
 def test_a_lane_that_drains_faster_gets_more_requests(base_topology: Topology, monkeypatch):
     topic = base_topology.band_topic("default", Band.low)
-    fast, slow, *others = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    fast, slow, *others = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
     backlog = {(topic, p): 1000 for p in others} | {(topic, fast): 40, (topic, slow): 40}
     committed = {tp: 0 for tp in backlog}
     routing = ticking_router(monkeypatch, base_topology, backlog, committed)
@@ -151,7 +167,7 @@ def test_a_lane_that_drains_faster_gets_more_requests(base_topology: Topology, m
 
 def test_a_lane_with_backlog_and_no_progress_for_a_while_gets_nothing(base_topology: Topology, monkeypatch):
     topic = base_topology.band_topic("default", Band.high)
-    dead, *alive = tenant_lanes("acme", topic, base_topology.bands[Band.high].partitions)
+    dead, *alive = base_topology.tenant_lanes("acme", Band.high, topic, base_topology.bands[Band.high].partitions)
     backlog = {(topic, p): 20 for p in [dead, *alive]}
     committed = {tp: 0 for tp in backlog}
     routing = ticking_router(monkeypatch, base_topology, backlog, committed)
@@ -170,7 +186,7 @@ def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_t
     nothing yet. Their speed is unknown, not zero: they keep taking requests (the router once
     counted them as stalled and sent the whole burst to the lanes that happened to commit)."""
     topic = base_topology.band_topic("default", Band.low)
-    lanes = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    lanes = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
     lucky, *running = lanes
     backlog = {(topic, p): 4 for p in lanes}
     committed = {tp: 0 for tp in backlog}
@@ -184,7 +200,7 @@ def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_t
 
 def test_a_lane_idle_for_a_while_forgets_its_drain_rate(base_topology: Topology, monkeypatch):
     topic = base_topology.band_topic("default", Band.low)
-    fast, slow, *others = tenant_lanes("acme", topic, base_topology.bands[Band.low].partitions)
+    fast, slow, *others = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
     lanes = [fast, slow, *others]
     backlog = {(topic, p): 40 for p in lanes}
     committed = {tp: 0 for tp in backlog}

@@ -13,14 +13,14 @@ set the key alone) counts as holding one lane.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from broker.topics import PartitionKey
-from schemas.lanes import tenant_lanes
+from schemas.messages import Band
 from schemas.topology import Topology
 
 
-def pool_caps(topology: Topology, band_topics: Iterable[str], partition_counts: Mapping[str, int],
+def pool_caps(topology: Topology, band_topics: Mapping[str, Band], partition_counts: Mapping[str, int],
               owned: set[PartitionKey]) -> dict[str, int | None]:
     """This worker's in-flight cap per tenant (None: unlimited)."""
     caps: dict[str, int | None] = {}
@@ -30,11 +30,11 @@ def pool_caps(topology: Topology, band_topics: Iterable[str], partition_counts: 
             caps[tenant_id] = None
             continue
         total = mine = 0
-        for topic in band_topics:
+        for topic, band in band_topics.items():
             partitions = partition_counts.get(topic)
             if not partitions:
                 continue
-            lanes = tenant_lanes(tenant_id, topic, partitions, config.lanes)
+            lanes = topology.tenant_lanes(tenant_id, band, topic, partitions)
             total += len(lanes)
             mine += sum(1 for p in lanes if (topic, p) in owned)
         if total == 0:
