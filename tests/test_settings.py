@@ -42,3 +42,18 @@ def test_invalid_security_protocol(monkeypatch):
     monkeypatch.setenv("TIERQ_SECURITY__PROTOCOL", "SMOKE_SIGNALS")
     with pytest.raises(ValueError, match="security.protocol"):
         Settings(_env_file=None)
+
+
+def test_each_bands_fetch_wait_reaches_its_consumer(monkeypatch):
+    from schemas.messages import Band
+    from worker.intake import consumer_config
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv("TIERQ_FETCH_WAIT_MS", '{"low": 250}')
+    settings = WorkerSettings(_env_file=None, bootstrap_servers="k:9092")
+    assert settings.fetch_wait_ms == {Band.high: 50, Band.medium: 50, Band.low: 250}
+    conf = consumer_config(settings, "tierq-default-low", 10_000, "w1", settings.fetch_wait_ms[Band.low])
+    assert conf["fetch.wait.max.ms"] == 250 and conf["group.id"] == "tierq-default-low"
+    monkeypatch.setenv("TIERQ_FETCH_WAIT_MS", '{"high": 0}')
+    with pytest.raises(ValueError, match="fetch_wait_ms"):
+        WorkerSettings(_env_file=None)

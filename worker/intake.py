@@ -69,6 +69,34 @@ class ReadAhead:
         return pause, resume
 
 
+def consumer_config(settings: Settings, group_id: str, session_timeout_ms: int, client_id: str | None,
+                    fetch_wait_ms: int) -> dict[str, object]:
+    """librdkafka configuration of one band's consumer."""
+    return settings.librdkafka(
+        "worker",
+        **{
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": session_timeout_ms,
+            "heartbeat.interval.ms": max(session_timeout_ms // 5, 500),
+            # keep librdkafka's own prefetch small: the backlog belongs in Kafka
+            "queued.min.messages": 64,
+            "queued.max.messages.kbytes": 2048,
+            # an empty fetch's hold (WorkerSettings.fetch_wait_ms): on Tansu also the band's latency
+            "fetch.wait.max.ms": fetch_wait_ms,
+            # librdkafka postpones a partition's next fetch by up to 1 s once its local queue
+            # passes the thresholds above; keep that short so a high request is not left behind
+            "fetch.queue.backoff.ms": 20,
+            "fetch.error.backoff.ms": 100,
+            # the groups' member lists (`tierq status`) name the worker
+            **({"client.id": client_id} if client_id else {}),
+        },
+    )
+
+
 class Intake:
     def __init__(
         self,
@@ -79,6 +107,7 @@ class Intake:
         session_timeout_ms: int = 10_000,
         client_id: str | None = None,
         pool_group: str | None = None,
+        fetch_wait_ms: Mapping[Band, int] | None = None,
     ):
         """``groups``: the consumer group of each band topic; ``pool_group``: the single group of
         earlier versions, whose committed offsets are adopted before joining (broker.groups)."""
@@ -92,34 +121,16 @@ class Intake:
         self._pool_group = pool_group
         self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
         self._on_revoked: Callable[[list[PartitionKey], bool], None] | None = None
-        self._consumers = {topic: self._consumer_for(settings, self.groups[topic], session_timeout_ms, client_id)
-                           for topic in self.topic_band}
+        waits = fetch_wait_ms or {}
+        self._consumers = {topic: self._consumer_for(settings, self.groups[topic], session_timeout_ms, client_id,
+                                                     waits.get(band, 50))
+                           for topic, band in self.topic_band.items()}
 
     @staticmethod
     def _consumer_for(settings: Settings, group_id: str, session_timeout_ms: int,
-                      client_id: str | None) -> confluent_kafka.Consumer:
-        return confluent_kafka.Consumer(settings.librdkafka(
-            "worker",
-            **{
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": session_timeout_ms,
-                "heartbeat.interval.ms": max(session_timeout_ms // 5, 500),
-                # keep librdkafka's own prefetch small: the backlog belongs in Kafka
-                "queued.min.messages": 64,
-                "queued.max.messages.kbytes": 2048,
-                "fetch.wait.max.ms": 50,
-                # librdkafka postpones a partition's next fetch by up to 1 s once its local queue
-                # passes the thresholds above; keep that short so a high request is not left behind
-                "fetch.queue.backoff.ms": 20,
-                "fetch.error.backoff.ms": 100,
-                # the groups' member lists (`tierq status`) name the worker
-                **({"client.id": client_id} if client_id else {}),
-            },
-        ))
+                      client_id: str | None, fetch_wait_ms: int) -> confluent_kafka.Consumer:
+        return confluent_kafka.Consumer(consumer_config(settings, group_id, session_timeout_ms, client_id,
+                                                        fetch_wait_ms))
 
     def subscribe(self, on_assigned: Callable[[list[PartitionKey]], None],
                   on_revoked: Callable[[list[PartitionKey], bool], None]) -> None:

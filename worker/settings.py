@@ -6,9 +6,10 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from schemas.messages import Band
 from schemas.settings import Settings
 from worker.models import default_models_dir
 from worker.simulated import SimParams
@@ -67,6 +68,19 @@ class WorkerSettings(Settings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace period for in-flight requests")
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
+    fetch_wait_ms: dict[Band, int] = Field(
+        default_factory=lambda: {Band.high: 50, Band.medium: 50, Band.low: 50},
+        description="per band: how long the broker may hold a fetch that finds nothing new (librdkafka "
+                    "fetch.wait.max.ms). Kafka answers as soon as a record arrives; Tansu 0.6.0 holds the "
+                    "fetch the whole time, so there it is also the band's added latency. Shorter: more "
+                    "empty fetches (broker CPU) while idle. JSON, e.g. {\"low\": 250}; bands not named keep 50")
+
+    @field_validator("fetch_wait_ms")
+    @classmethod
+    def _every_band(cls, value: dict[Band, int]) -> dict[Band, int]:
+        if any(ms < 1 or ms > 60_000 for ms in value.values()):
+            raise ValueError("fetch_wait_ms: each band's wait must be 1..60000 ms")
+        return {band: value.get(band, 50) for band in Band}
     aging: bool = Field(default=True, description="promote waiting requests by aging (false: strict priority only)")
     cancel_memory_s: float = Field(default=300.0, gt=0, description=(
         "how long a cancel for a request this worker does not hold is kept (it may arrive later), "
