@@ -20,8 +20,9 @@ partition a flood fills, onto the few lanes it alone uses, hence onto few worker
 That count is divided by the rate at which P's committed offset has been advancing while it
 had work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` without work),
 so a partition whose worker is slow or shared with more partitions gets fewer requests, in
-proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker is gone) gets
-none while any other lane can take them. Lanes whose drain rate is not known yet (no request
+proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker is gone), or for
+twice the longest gap between advances it has shown (a long generation holds the committed
+offset still on a healthy worker), gets none while any other lane can take them. Lanes whose drain rate is not known yet (no request
 done since they had work) count at the average rate of the others; with no rate known at all
 the counts alone decide, so a new producer spreads a tenant's requests evenly over its
 lanes. The record key stays the tenant id, so the contract is unchanged for clients that only
@@ -72,6 +73,10 @@ RATE_SMOOTHING = 0.5
 #: interval (counting that as stalled herded every request onto the few lanes that happened to
 #: commit in the first second of a burst: bench.pool's hetero scenario)
 STALL_AFTER_S = 5.0
+#: ... or for this many times the longest gap between two advances the lane has shown while it
+#: had work, when that is longer: the committed offset moves only past the oldest request, so a
+#: long generation at the head holds it still for as long as it runs, on a healthy worker
+STALL_GAP_FACTOR = 2.0
 #: drain rates (records/s) at or below this are no rate: the lane has not shown its speed yet
 MIN_RATE = 0.01
 #: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
@@ -116,7 +121,10 @@ class LaneRouter:
         self._idle_since: dict[PartitionKey, float] = {}
         #: per lane: when its committed offset last moved, or it last had no backlog
         self._progress_at: dict[PartitionKey, float] = {}
-        #: lanes with backlog and no progress for STALL_AFTER_S (swapped in whole)
+        #: per lane: the longest time its committed offset stood still while it had work and then
+        #: moved (forgotten with its rate)
+        self._longest_gap: dict[PartitionKey, float] = {}
+        #: lanes with backlog and no progress for their stall time (swapped in whole)
         self._stalled: frozenset[PartitionKey] = frozenset()
         self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
         self._reading_seen: Mapping[PartitionKey, tuple[int, int]] | None = None
@@ -145,12 +153,16 @@ class LaneRouter:
             elapsed = now - then
             for tp, (backlog, committed) in reading.items():
                 old = before.get(tp)
+                if old is not None and old[0] > 0 and committed > old[1]:
+                    gap = now - self._progress_at.get(tp, then)
+                    self._longest_gap[tp] = max(gap, self._longest_gap.get(tp, 0.0))
                 if backlog == 0 or old is None or committed > old[1]:
                     self._progress_at[tp] = now
                 if backlog > 0:
                     self._idle_since.pop(tp, None)
                 elif now - self._idle_since.setdefault(tp, now) >= RATE_IDLE_FORGET_S:
                     rates.pop(tp, None)
+                    self._longest_gap.pop(tp, None)
                 if old is None or old[0] == 0 or elapsed <= 0:
                     continue  # nothing to drain: its rate says nothing
                 measured = max(0, committed - old[1]) / elapsed
@@ -160,8 +172,11 @@ class LaneRouter:
                 rates[tp] = measured if known is None else (1 - RATE_SMOOTHING) * known + RATE_SMOOTHING * measured
         else:
             self._progress_at.update({tp: now for tp in reading})
-        self._stalled = frozenset(tp for tp, (backlog, _c) in reading.items()
-                                  if backlog > 0 and now - self._progress_at.get(tp, now) >= STALL_AFTER_S)
+        gaps = self._longest_gap
+        self._stalled = frozenset(
+            tp for tp, (backlog, _c) in reading.items()
+            if backlog > 0 and now - self._progress_at.get(tp, now)
+            >= max(STALL_AFTER_S, STALL_GAP_FACTOR * gaps.get(tp, 0.0)))
         self._previous = reading, now
         self._rates = rates
         self._reading = reading

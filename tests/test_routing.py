@@ -181,6 +181,34 @@ def test_a_lane_with_backlog_and_no_progress_for_a_while_gets_nothing(base_topol
     assert dead in {routing.partition_for("acme", "default", Band.high) for _ in range(200)}
 
 
+
+def test_a_lane_whose_long_requests_hold_its_offset_still_is_not_judged_stalled_again(base_topology: Topology,
+                                                                                    monkeypatch):
+    """The committed offset moves only past the oldest request: on a healthy worker, a long
+    generation at the head holds it still for as long as it runs. Once a lane has shown such a
+    gap, it is judged stalled only after twice that gap."""
+    topic = base_topology.band_topic("default", Band.low)
+    slow, *others = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
+    backlog = {(topic, p): 5 for p in [slow, *others]}
+    committed = {tp: 0 for tp in backlog}
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed)
+
+    def stalled_for(seconds: int) -> list[bool]:
+        judged = []
+        for _ in range(seconds):
+            for p in others:
+                committed[(topic, p)] += 1
+            routing.refresh()
+            judged.append((topic, slow) in routing._stalled)
+        committed[(topic, slow)] += 1  # the head finished: the offset moves
+        routing.refresh()
+        return judged
+
+    assert stalled_for(8)[-1], "a lane that never showed such a gap: stalled after STALL_AFTER_S"
+    assert (topic, slow) not in routing._stalled  # it moved: not stalled
+    assert not any(stalled_for(8)), "the same gap again: within twice the longest gap shown"
+    assert stalled_for(20)[-1], "a far longer standstill: stalled (its worker may be gone)"
+
 def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_topology: Topology, monkeypatch):
     """A burst's first second: the lanes whose first request is still running have committed
     nothing yet. Their speed is unknown, not zero: they keep taking requests (the router once
