@@ -1,6 +1,13 @@
 """Load-aware routing: which partition of its band topic a request goes to.
 
-Each request goes to the lane (schemas.lanes) where *its tenant's* request would wait least.
+Each request goes to the partition where *its tenant's* request would wait least: one of its
+lanes (schemas.lanes), or, **overflow**, another partition of the band while that one holds
+fewer records than half the workers' read-ahead. Lanes bound where a tenant's backlog can queue
+in Kafka (a flood fills its lanes, never the partitions only others use); the overflow lets a
+burst or a steady load that the workers can see whole spread over every partition, hence evenly
+over the workers: fewer lanes than partitions land unevenly on them (12 lanes of 16 partitions,
+4 per worker of 4: one worker may hold 4 of a tenant's lanes and another 2, and a burst spread
+evenly over the lanes then keeps the first twice as long; bench.pool's fairness scenario).
 What a new record of tenant T on partition P waits for, the larger of:
 
 - **the part of P's backlog the worker cannot have read yet**: workers read each partition up
@@ -82,6 +89,9 @@ MIN_RATE = 0.01
 #: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
 #: one measured from a few records long ago, of a worker whose load has changed since, misleads)
 RATE_IDLE_FORGET_S = 3.0
+#: a partition outside a tenant's lanes takes its requests while it holds fewer records than this
+#: share of the workers' read-ahead (module doc: overflow)
+OVERFLOW_SHARE = 0.5
 #: acknowledged offsets kept per (tenant, partition) while no reading prunes them (the oldest go first)
 MAX_TRACKED = 65536
 
@@ -113,7 +123,7 @@ class LaneRouter:
         self._partition_count = partition_count
         self._backlog_source = backlog
         self._refresh_s = refresh_s
-        self._lanes: dict[tuple[str, str, int], list[int]] = {}
+        self._lanes: dict[tuple[str, str, int], frozenset[int]] = {}
         self._counts: dict[str, int] = {}
         #: the last reading, swapped in whole: (topic, partition) -> (backlog, committed offset)
         self._reading: Mapping[PartitionKey, tuple[int, int]] = {}
@@ -207,14 +217,19 @@ class LaneRouter:
         return counted
 
     def lanes(self, tenant_id: str, band: Band, topic: str) -> list[int] | None:
+        known = self._lanes_of(tenant_id, band, topic)
+        return sorted(known[1]) if known else None
+
+    def _lanes_of(self, tenant_id: str, band: Band, topic: str) -> tuple[int, frozenset[int]] | None:
+        """The topic's partition count and the tenant's lanes in it (None while the count is unknown)."""
         partitions = self._partitions(topic)
         if not partitions:
             return None
         key = (tenant_id, topic, partitions)
         lanes = self._lanes.get(key)
         if lanes is None:
-            lanes = self._lanes[key] = self.topology.tenant_lanes(tenant_id, band, topic, partitions)
-        return lanes
+            lanes = self._lanes[key] = frozenset(self.topology.tenant_lanes(tenant_id, band, topic, partitions))
+        return partitions, lanes
 
     def partition_for(self, tenant_id: str, pool: str, band: Band) -> int | None:
         """The lane where the tenant's request would wait least (see the module doc); None when the
@@ -227,18 +242,23 @@ class LaneRouter:
             for counted_topic, partition in reading:
                 self._counts[counted_topic] = max(self._counts.get(counted_topic, 0), partition + 1)
         topic = self.topology.band_topic(pool, band)
-        lanes = self.lanes(tenant_id, band, topic)
-        if lanes is None:
+        known_lanes = self._lanes_of(tenant_id, band, topic)
+        if known_lanes is None:
             return None
+        partition_count, lanes = known_lanes
         rates, stalled = self._rates, self._stalled
-        known = [rates[(topic, p)] for p in lanes if rates.get((topic, p), 0.0) > MIN_RATE]
+        candidates = range(partition_count)  # its lanes, and the band's other partitions while light
+        known = [rates[(topic, p)] for p in candidates if rates.get((topic, p), 0.0) > MIN_RATE]
         average = sum(known) / len(known) if known else None
+        overflow_below = self.read_ahead * OVERFLOW_SHARE
         best_wait, best = None, []
         with self._lock:
-            for partition in lanes:
+            for partition in candidates:
                 tp = (topic, partition)
                 backlog, committed = reading.get(tp, (0, 0))
                 load = backlog + self._sent.get(tp, 0)
+                if load >= overflow_below and partition not in lanes:
+                    continue  # not its lane, and not light: a tenant's backlog queues only in its lanes
                 mine = self._mine.get((tenant_id, tp))
                 own = mine.outstanding(committed) if mine else 0
                 # own records sit in the backlog too: each is counted once

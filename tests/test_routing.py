@@ -66,19 +66,30 @@ def ticking_router(monkeypatch, topology: Topology, backlog: dict[tuple[str, int
     return routing
 
 
-def test_without_a_reading_requests_spread_evenly_over_the_lanes(base_topology: Topology):
-    routing = router(base_topology)
-    sent = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(120))
+def test_a_burst_spreads_over_every_partition_and_a_flood_queues_only_in_the_tenants_lanes(
+        base_topology: Topology):
+    """Without a reading the counts decide. While a partition outside the tenant's lanes holds
+    less than half the read-ahead, it takes the tenant's requests too (overflow: 12 lanes of 16
+    partitions land unevenly on 4 workers, all 16 evenly); past that only the lanes do, so a
+    flood never fills the partitions that only other tenants use."""
+    routing = router(base_topology, read_ahead=20)
+    partitions = base_topology.bands[Band.low].partitions
     lanes = routing.lanes("acme", Band.low, base_topology.band_topic("default", Band.low))
-    assert set(sent) == set(lanes)
-    assert max(sent.values()) - min(sent.values()) <= 1
+    assert lanes is not None and len(lanes) < partitions
+    burst = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(8 * partitions))
+    assert burst == Counter({p: 8 for p in range(partitions)})
+    flood = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(20 * partitions))
+    others = set(range(partitions)) - set(lanes)
+    assert all(burst[p] + flood[p] == 10 for p in others)  # half the read-ahead, then no more
+    assert set(flood) == set(lanes) | {p for p in others if flood[p]}
+    assert max(flood[p] for p in lanes) - min(flood[p] for p in lanes) <= 1
 
 
 def test_backlog_the_workers_cannot_have_read_yet_counts_against_a_lane(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.low)
     lanes = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
     idle = lanes[0]
-    backlog = {(topic, p): 50 for p in lanes}
+    backlog = {(topic, p): 50 for p in range(base_topology.bands[Band.low].partitions)}  # none is light
     backlog[(topic, idle)] = 0
     routing = router(base_topology, backlog, read_ahead=10)
     routing.refresh()
@@ -91,7 +102,7 @@ def test_backlog_the_workers_cannot_have_read_yet_counts_against_a_lane(base_top
 
 def test_another_tenants_backlog_within_the_read_ahead_does_not_push_a_tenant_away(base_topology: Topology):
     """The pool fairness case: acme floods its lanes; the worker reads past acme's records and
-    shares its slots, so globex keeps using all its lanes (hence all workers), not only the few
+    shares its slots, so globex keeps using every partition (hence all workers), not only the few
     acme leaves empty."""
     topic = base_topology.band_topic("default", Band.low)
     partitions = base_topology.bands[Band.low].partitions
@@ -101,8 +112,8 @@ def test_another_tenants_backlog_within_the_read_ahead_does_not_push_a_tenant_aw
     backlog = {(topic, p): 40 if p in acme else 0 for p in range(partitions)}
     routing = router(base_topology, backlog)
     routing.refresh()
-    chosen = Counter(routing.partition_for("globex", "default", Band.low) for _ in range(4 * len(globex)))
-    assert chosen == Counter({p: 4 for p in globex})
+    chosen = Counter(routing.partition_for("globex", "default", Band.low) for _ in range(4 * partitions))
+    assert chosen == Counter({p: 4 for p in range(partitions)})
 
 
 def test_a_tenants_own_requests_count_until_the_group_commits_past_them(base_topology: Topology):
@@ -139,10 +150,13 @@ def test_a_record_not_written_stops_counting(base_topology: Topology):
     assert [routing.partition_for("acme", "default", Band.high) for _ in range(5)] == [failed] * 5
 
 
-def test_configured_lanes_bound_a_tenant(base_topology: Topology):
+def test_configured_lanes_bound_where_a_tenants_backlog_queues(base_topology: Topology):
     document = base_topology.model_dump(mode="json")
     document["tenants"]["acme"]["lanes"] = 2
-    routing = router(Topology.model_validate(document))
+    topic = base_topology.band_topic("default", Band.low)
+    busy = {(topic, p): 200 for p in range(base_topology.bands[Band.low].partitions)}  # none is light
+    routing = router(Topology.model_validate(document), busy)
+    routing.refresh()
     assert len({routing.partition_for("acme", "default", Band.low) for _ in range(50)}) == 2
 
 
@@ -154,7 +168,8 @@ def test_unknown_partition_counts_fall_back_to_the_key(base_topology: Topology):
 def test_a_lane_that_drains_faster_gets_more_requests(base_topology: Topology, monkeypatch):
     topic = base_topology.band_topic("default", Band.low)
     fast, slow, *others = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
-    backlog = {(topic, p): 1000 for p in others} | {(topic, fast): 40, (topic, slow): 40}
+    backlog = {(topic, p): 1000 for p in range(base_topology.bands[Band.low].partitions)}
+    backlog |= {(topic, fast): 40, (topic, slow): 40}
     committed = {tp: 0 for tp in backlog}
     routing = ticking_router(monkeypatch, base_topology, backlog, committed)
     committed[(topic, fast)], committed[(topic, slow)] = 40, 10  # in one second: 40/s against 10/s
