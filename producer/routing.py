@@ -2,8 +2,9 @@
 
 Each request goes to the partition where *its tenant's* request would wait least: one of its
 lanes (schemas.lanes), or, **overflow**, another partition of the band while that one holds
-fewer records than half the workers' read-ahead. Lanes bound where a tenant's backlog can queue
-in Kafka (a flood fills its lanes, never the partitions only others use); the overflow lets a
+fewer than a quarter of the workers' read-ahead of the tenant's records and fewer than three
+quarters of everyone's. Lanes bound where a tenant's backlog can queue in Kafka (a flood fills
+its lanes, never the partitions only others use, beyond what the workers read); the overflow lets a
 burst or a steady load that the workers can see whole spread over every partition, hence evenly
 over the workers: fewer lanes than partitions land unevenly on them (12 lanes of 16 partitions,
 4 per worker of 4: one worker may hold 4 of a tenant's lanes and another 2, and a burst spread
@@ -89,9 +90,12 @@ MIN_RATE = 0.01
 #: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
 #: one measured from a few records long ago, of a worker whose load has changed since, misleads)
 RATE_IDLE_FORGET_S = 3.0
-#: a partition outside a tenant's lanes takes its requests while it holds fewer records than this
-#: share of the workers' read-ahead (module doc: overflow)
-OVERFLOW_SHARE = 0.5
+#: overflow (module doc): a partition outside a tenant's lanes takes its requests while it holds
+#: fewer of them than this share of the workers' read-ahead ...
+OVERFLOW_OWN_SHARE = 0.25
+#: ... and fewer records of all tenants than this share, so that the tenants whose lane it is
+#: still find their requests within the read-ahead (three floods overflowing into it stop short)
+OVERFLOW_LOAD_SHARE = 0.75
 #: acknowledged offsets kept per (tenant, partition) while no reading prunes them (the oldest go first)
 MAX_TRACKED = 65536
 
@@ -250,17 +254,17 @@ class LaneRouter:
         candidates = range(partition_count)  # its lanes, and the band's other partitions while light
         known = [rates[(topic, p)] for p in candidates if rates.get((topic, p), 0.0) > MIN_RATE]
         average = sum(known) / len(known) if known else None
-        overflow_below = self.read_ahead * OVERFLOW_SHARE
+        own_below, load_below = self.read_ahead * OVERFLOW_OWN_SHARE, self.read_ahead * OVERFLOW_LOAD_SHARE
         best_wait, best = None, []
         with self._lock:
             for partition in candidates:
                 tp = (topic, partition)
                 backlog, committed = reading.get(tp, (0, 0))
                 load = backlog + self._sent.get(tp, 0)
-                if load >= overflow_below and partition not in lanes:
-                    continue  # not its lane, and not light: a tenant's backlog queues only in its lanes
                 mine = self._mine.get((tenant_id, tp))
                 own = mine.outstanding(committed) if mine else 0
+                if partition not in lanes and (own >= own_below or load >= load_below):
+                    continue  # not its lane, and not light: a tenant's backlog queues only in its lanes
                 # own records sit in the backlog too: each is counted once
                 ahead = max(own, load - self.read_ahead)
                 if tp in stalled:

@@ -69,10 +69,11 @@ def ticking_router(monkeypatch, topology: Topology, backlog: dict[tuple[str, int
 def test_a_burst_spreads_over_every_partition_and_a_flood_queues_only_in_the_tenants_lanes(
         base_topology: Topology):
     """Without a reading the counts decide. While a partition outside the tenant's lanes holds
-    less than half the read-ahead, it takes the tenant's requests too (overflow: 12 lanes of 16
-    partitions land unevenly on 4 workers, all 16 evenly); past that only the lanes do, so a
-    flood never fills the partitions that only other tenants use."""
-    routing = router(base_topology, read_ahead=20)
+    fewer than a quarter of the read-ahead of its records (and fewer than three quarters of
+    everyone's), it takes the tenant's requests too (overflow: 12 lanes of 16 partitions land
+    unevenly on 4 workers, all 16 evenly); past that only the lanes do, so a flood never fills
+    the partitions that only other tenants use."""
+    routing = router(base_topology, read_ahead=40)
     partitions = base_topology.bands[Band.low].partitions
     lanes = routing.lanes("acme", Band.low, base_topology.band_topic("default", Band.low))
     assert lanes is not None and len(lanes) < partitions
@@ -80,7 +81,7 @@ def test_a_burst_spreads_over_every_partition_and_a_flood_queues_only_in_the_ten
     assert burst == Counter({p: 8 for p in range(partitions)})
     flood = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(20 * partitions))
     others = set(range(partitions)) - set(lanes)
-    assert all(burst[p] + flood[p] == 10 for p in others)  # half the read-ahead, then no more
+    assert all(burst[p] + flood[p] == 10 for p in others)  # a quarter of the read-ahead, then no more
     assert set(flood) == set(lanes) | {p for p in others if flood[p]}
     assert max(flood[p] for p in lanes) - min(flood[p] for p in lanes) <= 1
 
@@ -115,6 +116,23 @@ def test_another_tenants_backlog_within_the_read_ahead_does_not_push_a_tenant_aw
     chosen = Counter(routing.partition_for("globex", "default", Band.low) for _ in range(4 * partitions))
     assert chosen == Counter({p: 4 for p in range(partitions)})
 
+
+
+def test_a_small_tenant_overflows_into_partitions_a_flood_filled_within_the_read_ahead(base_topology: Topology):
+    """acme's flood holds 150 records in every partition, within the workers' read-ahead (256):
+    globex's requests still spread over every partition, its lanes or not, so every worker's fair
+    share sees them; at three quarters of the read-ahead a partition outside its lanes takes no more."""
+    topic = base_topology.band_topic("default", Band.low)
+    partitions = base_topology.bands[Band.low].partitions
+    backlog = {(topic, p): 150 for p in range(partitions)}
+    routing = router(base_topology, backlog)
+    routing.refresh()
+    assert Counter(routing.partition_for("globex", "default", Band.low) for _ in range(2 * partitions)) == \
+        Counter({p: 2 for p in range(partitions)})
+    backlog.update({tp: 200 for tp in backlog})
+    routing.refresh()
+    lanes = routing.lanes("globex", Band.low, topic)
+    assert {routing.partition_for("globex", "default", Band.low) for _ in range(40)} == set(lanes)
 
 def test_a_tenants_own_requests_count_until_the_group_commits_past_them(base_topology: Topology):
     topic = base_topology.band_topic("default", Band.high)
