@@ -328,9 +328,9 @@ class Worker:
             self._unstarted[task] = (item, tasks)
             self.running[item.request_id] = (task, item)
             served_as = item.served_as or item.band
-            self.tally.inc(metrics.admitted, item.band.value, served_as.value, item.tenant_id)
+            self.tally.inc(metrics.admitted, metrics.LABEL[item.band], metrics.LABEL[served_as], item.tenant_id)
             if served_as is not item.band:
-                self.tally.inc(metrics.promotions, item.band.value)
+                self.tally.inc(metrics.promotions, metrics.LABEL[item.band])
         if admitted:
             self.admit_turns += 1
 
@@ -413,7 +413,7 @@ class Worker:
             self._slot_freed(item, task, tasks)
 
     def _observe(self, band: Band, timing: Timing, completion_tokens: int) -> None:
-        label, tally = band.value, self.tally
+        label, tally = metrics.LABEL[band], self.tally
         if timing.queue_ms is not None:
             tally.observe(metrics.queue_seconds, timing.queue_ms / 1000, label)
         if timing.ttft_ms is not None:
@@ -428,7 +428,7 @@ class Worker:
             self.guard.answered(reply.request_id, attempt)
 
         self.served += 1
-        self.tally.inc(metrics.replies, band.value, reply.status.value, reply.tenant_id)
+        self.tally.inc(metrics.replies, metrics.LABEL[band], metrics.LABEL[reply.status], reply.tenant_id)
         self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=durable)
 
     def _reply_topic(self, tenant_id: str) -> str:
