@@ -19,6 +19,7 @@ REPLY_SCHEMA = json_schemas()["tierq.reply.v1.schema.json"]
 
 def roundtrip(reply: Reply) -> Reply:
     raw = encode(reply)
+    assert raw == orjson.dumps(reply.model_dump(mode="python", by_alias=True), option=orjson.OPT_UTC_Z)
     jsonschema.validate(orjson.loads(raw), REPLY_SCHEMA)
     return Reply.model_validate_json(raw)  # full validation, including "error exactly when not ok"
 
