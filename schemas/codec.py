@@ -113,8 +113,10 @@ def decode_cancel(raw: bytes) -> Cancel:
 
 
 def encode(message: BaseModel) -> bytes:
-    """Serialise a wire message to compact JSON (UTC times end in ``Z``)."""
-    return orjson.dumps(message.model_dump(mode="python", by_alias=True), option=_DUMP_OPTS)
+    """Serialise a wire message to compact JSON (UTC times end in ``Z``). ``model_dump(mode="python",
+    by_alias=True)`` is this serializer call behind a Python wrapper (~1 us; a reply is encoded per
+    request)."""
+    return orjson.dumps(message.__pydantic_serializer__.to_python(message, by_alias=True), option=_DUMP_OPTS)
 
 
 def dumps(document: Any) -> bytes:

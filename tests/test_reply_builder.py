@@ -19,6 +19,7 @@ REPLY_SCHEMA = json_schemas()["tierq.reply.v1.schema.json"]
 
 def roundtrip(reply: Reply) -> Reply:
     raw = encode(reply)
+    assert raw == orjson.dumps(reply.model_dump(mode="python", by_alias=True), option=orjson.OPT_UTC_Z)
     jsonschema.validate(orjson.loads(raw), REPLY_SCHEMA)
     return Reply.model_validate_json(raw)  # full validation, including "error exactly when not ok"
 
@@ -72,3 +73,17 @@ def test_construct_makes_what_model_construct_makes():
     first, second = construct(Reply, request_id="a" * 32, tenant_id="t", status=Status.ok), \
         construct(Reply, request_id="b" * 32, tenant_id="t", status=Status.ok)
     assert first.metadata is not second.metadata and first.usage is not second.usage  # factories, not shared
+
+
+def test_served_timings_are_the_plain_differences():
+    """``served`` subtracts across the request's tzinfo (pydantic's) once and adds timedeltas for e2e:
+    the figures must be those of the plain differences."""
+    req, now = request(), utc_now()
+    dequeued, first, finished = now + timedelta(microseconds=1), now + timedelta(seconds=1.000333), \
+        now + timedelta(seconds=2, microseconds=777)
+    timing = ReplyBuilder("w").served(req, Band.low, Band.low, Completion("x", "stop", 1, 1, first, finished),
+                                      attempt=1, received_at=now, dequeued_at=dequeued).timing
+    ms = lambda a, b: round((b - a).total_seconds() * 1000, 3)  # noqa: E731
+    assert (timing.queue_ms, timing.ttft_ms, timing.e2e_ms) == (ms(req.submitted_at, dequeued), ms(dequeued, first),
+                                                                ms(req.submitted_at, finished))
+    assert timing.e2e_ms > 3000

@@ -579,6 +579,22 @@ async def test_a_request_cancelled_in_the_turn_it_was_admitted_is_still_answered
         await h.until(lambda: h.worker.policy.in_flight == 0, "its slot freed")
 
 
+async def test_a_request_revoked_in_the_turn_it_was_admitted_frees_its_slot_unanswered(base):
+    """Its task is cancelled before its first step (``_serve``'s ``finally`` never runs): the slot is
+    freed all the same, and the request is left to the partition's next owner."""
+    async with Harness(topology(base), slots=1) as h:
+        h.worker.policy.tenant_caps = {"acme": 0}  # hold it in the buffer
+        queued = request("low")
+        h.publish(Band.low, queued)
+        await h.until(lambda: h.worker.policy.waiting_by_band()[Band.low] == 1, "buffered")
+        h.worker.policy.tenant_caps = {}
+        h.worker._admit(time.time())  # its task exists and has not run a step
+        h.intake.revoke([("p.low", 0)])
+        await h.until(lambda: h.worker.policy.in_flight == 0, "its slot freed")
+        assert rid(queued) not in h.worker.running and not h.worker._starting
+        assert h.reply_for(queued) is None and rid(queued) not in h.engine.started
+
+
 async def test_a_revocation_does_not_answer_a_streamed_request(base):
     async with Harness(topology(base), slots=1) as h:
         streamed = request("low", stream=True)

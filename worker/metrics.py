@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from schemas.messages import Band, Status
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 waiting = Gauge("tierq_waiting_requests", "Requests buffered in the worker, by band", ["band"])
@@ -23,6 +25,10 @@ tokens = Counter("tierq_completion_tokens_total", "Generated tokens", ["band"])
 queue_seconds = Histogram("tierq_queue_seconds", "submitted_at to admission", ["band"], buckets=LATENCY_BUCKETS)
 ttft_seconds = Histogram("tierq_ttft_seconds", "admission to first token", ["band"], buckets=LATENCY_BUCKETS)
 e2e_seconds = Histogram("tierq_e2e_seconds", "submitted_at to finished", ["band"], buckets=LATENCY_BUCKETS)
+
+#: the label of a band or status: ``member.value`` is a Python-level property on Python 3.11's
+#: enums (~0.8 us), and the worker labels every request several times
+LABEL: dict[Band | Status, str] = {member: member.value for member in (*Band, *Status)}
 
 
 @functools.lru_cache(maxsize=8192)

@@ -16,10 +16,14 @@ import confluent_kafka
 import structlog
 
 from schemas.codec import dumps, encode
-from schemas.messages import CHUNK_SCHEMA, REPLY_SCHEMA, Chunk, Reply, utc_now
+from schemas.messages import CHUNK_SCHEMA, REPLY_SCHEMA, Chunk, Reply, Status, utc_now
 from schemas.settings import Settings
 
 log = structlog.get_logger("tierq.replies")
+
+#: a reply's constant headers, made once (``Status.value`` is a slow property on Python 3.11)
+_STATUS_HEADER = {status: ("status", status.value.encode()) for status in Status}
+_REPLY_SCHEMA_HEADER = ("schema", REPLY_SCHEMA.encode())
 
 REPLY_PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -56,9 +60,9 @@ class ReplyWriter:
                 self._producer.poll(0.05)
 
     def reply(self, topic: str, reply: Reply, on_durable: Callable[[], None] | None = None) -> None:
-        self._send(topic, reply.request_id.encode(), encode(reply), on_durable,
-                   headers=[("request_id", reply.request_id.encode()), ("status", reply.status.value.encode()),
-                            ("schema", REPLY_SCHEMA.encode())])
+        key = reply.request_id.encode()
+        self._send(topic, key, encode(reply), on_durable,
+                   headers=[("request_id", key), _STATUS_HEADER[reply.status], _REPLY_SCHEMA_HEADER])
 
     def chunk(self, topic: str, chunk: Chunk) -> None:
         """A streamed request's chunk: same topic and key as its reply, so it is read before it.

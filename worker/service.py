@@ -117,6 +117,8 @@ class Worker:
         #: admitted requests whose task has not yet got past the poison guard (it may await a
         #: delivery callback, which only a loop turn's ``writer.poll`` runs)
         self._starting: set[str] = set()
+        #: admitted requests' tasks that have not run a step (``_cancel``): their item and task set
+        self._unstarted: dict[asyncio.Task[None], tuple[Pending, set[asyncio.Task[None]]]] = {}
         self.wait_s = POLL_S  # the last wait between turns (POLL_S or FULL_POLL_S), for tests and benches
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -240,14 +242,14 @@ class Worker:
             return True
         if self._abort or time.monotonic() - self._stop_requested_at > self.settings.drain_timeout_s:
             for task in in_flight:
-                task.cancel()
+                self._cancel(task)
             return True
         return False
 
     async def _shutdown(self) -> None:
         tasks = [t for ts in self.tasks_by_partition.values() for t in ts]
         for task in tasks:
-            task.cancel()
+            self._cancel(task)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if not self.fatal:
@@ -320,25 +322,36 @@ class Worker:
         while (item := self.policy.next(now)) is not None:
             admitted = True
             self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
-            task = loop.create_task(self._serve(item))
             tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
+            task = loop.create_task(self._serve(item, tasks))
             tasks.add(task)
-            # the slot is freed when the task ends, however it ends (even cancelled before it started)
-            task.add_done_callback(lambda t, item=item, tasks=tasks: self._slot_freed(item, t, tasks))
+            self._unstarted[task] = (item, tasks)
             self.running[item.request_id] = (task, item)
             served_as = item.served_as or item.band
-            self.tally.inc(metrics.admitted, item.band.value, served_as.value, item.tenant_id)
+            self.tally.inc(metrics.admitted, metrics.LABEL[item.band], metrics.LABEL[served_as], item.tenant_id)
             if served_as is not item.band:
-                self.tally.inc(metrics.promotions, item.band.value)
+                self.tally.inc(metrics.promotions, metrics.LABEL[item.band])
         if admitted:
             self.admit_turns += 1
 
+    def _cancel(self, task: asyncio.Task[None]) -> None:
+        """Cancel a request's task. One cancelled before its first step never runs ``_serve`` (nor
+        its ``finally``, which frees the slot): its slot is freed once it ends, by a done callback
+        added only here (a callback on every task cost ~5 us a request: bench.worker_ceiling)."""
+        task.cancel()
+        unstarted = self._unstarted.pop(task, None)
+        if unstarted is not None:
+            item, tasks = unstarted
+            task.add_done_callback(lambda t: self._slot_freed(item, t, tasks))
+
     def _slot_freed(self, item: Pending, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
+        """The request's task ends: from ``_serve``'s ``finally``, or (cancelled before its first
+        step) from the done callback ``_cancel`` added."""
         tasks.discard(task)
         self._starting.discard(item.request_id)  # a task cancelled before its first step never ran _serve
         if self.running.get(item.request_id, (None,))[0] is task:
             del self.running[item.request_id]
-            if task.cancelled() and item.request_id in self._cancelled_by_tenant:
+            if task.cancelled() and item.request_id in self._cancelled_by_tenant:  # only the done callback's
                 # the tenant's cancel reached the task before its first step: ``_serve`` never ran
                 self._cancelled_by_tenant.discard(item.request_id)
                 buffered: Buffered = item.payload
@@ -347,7 +360,10 @@ class Worker:
         self.policy.finished(item)
         self._wake.set()
 
-    async def _serve(self, item: Pending) -> None:
+    async def _serve(self, item: Pending, tasks: set[asyncio.Task[None]]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        del self._unstarted[task]  # it runs: ``_cancel`` adds no done callback for it
         buffered: Buffered = item.payload
         request = buffered.request
         served_as = item.served_as or item.band
@@ -355,45 +371,49 @@ class Worker:
         attempt: Attempt | None = None
         reply: Reply
         progress, stream = Progress(), None
-        try:
+        try:  # the slot is freed however the task ends (``finally``)
             try:
-                attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
-            finally:
-                self._starting.discard(request.request_id)
-            if request.stream:
-                stream = ChunkStream(request.request_id, request.tenant_id, attempt.number, self._chunk_sender())
-                progress = Progress(stream.on_delta)
-            completion = await self.engine.generate(request, buffered.prompt_ids, priority=served_as.rank,
-                                                    progress=progress)
-        except asyncio.CancelledError:
-            if request.request_id not in self._cancelled_by_tenant:
-                raise  # a rebalance or shutdown: unanswered, the request goes back to Kafka
-            self._cancelled_by_tenant.discard(request.request_id)
-            if stream is not None:
-                stream.finish()
-            reply = self.replies.cancelled(request, item.band, served_as, prompt_tokens=len(buffered.prompt_ids),
-                                           progress=progress, attempt=attempt.number if attempt else 1,
-                                           received_at=buffered.received_at, dequeued_at=dequeued_at)
-        except RequestRejected as exc:
-            reply = self.replies.failed(request, item.band, served_as, exc.code, exc.message,
-                                        received_at=buffered.received_at, dequeued_at=dequeued_at)
-        except EngineRequestError as exc:
-            log.error("engine_request_failed", request_id=request.request_id, tenant=request.tenant_id, error=str(exc))
-            reply = self.replies.failed(request, item.band, served_as, ErrorCode.engine_error, str(exc),
-                                        received_at=buffered.received_at, dequeued_at=dequeued_at)
-        except EngineDead as exc:
-            self.fatal = f"engine died: {exc}"
-            return
-        else:
-            if stream is not None:
-                stream.finish()
-            reply = self.replies.served(request, item.band, served_as, completion, attempt=attempt.number,
-                                        received_at=buffered.received_at, dequeued_at=dequeued_at)
-            self._observe(item.band, reply.timing, completion.completion_tokens)
-        self._send(reply, item.band, buffered.done, attempt)
+                try:
+                    attempt = await self.guard.start(request.request_id, buffered.tp, buffered.offset)
+                finally:
+                    self._starting.discard(request.request_id)
+                if request.stream:
+                    stream = ChunkStream(request.request_id, request.tenant_id, attempt.number, self._chunk_sender())
+                    progress = Progress(stream.on_delta)
+                completion = await self.engine.generate(request, buffered.prompt_ids, priority=served_as.rank,
+                                                        progress=progress)
+            except asyncio.CancelledError:
+                if request.request_id not in self._cancelled_by_tenant:
+                    raise  # a rebalance or shutdown: unanswered, the request goes back to Kafka
+                self._cancelled_by_tenant.discard(request.request_id)
+                if stream is not None:
+                    stream.finish()
+                reply = self.replies.cancelled(request, item.band, served_as, prompt_tokens=len(buffered.prompt_ids),
+                                               progress=progress, attempt=attempt.number if attempt else 1,
+                                               received_at=buffered.received_at, dequeued_at=dequeued_at)
+            except RequestRejected as exc:
+                reply = self.replies.failed(request, item.band, served_as, exc.code, exc.message,
+                                            received_at=buffered.received_at, dequeued_at=dequeued_at)
+            except EngineRequestError as exc:
+                log.error("engine_request_failed", request_id=request.request_id, tenant=request.tenant_id,
+                          error=str(exc))
+                reply = self.replies.failed(request, item.band, served_as, ErrorCode.engine_error, str(exc),
+                                            received_at=buffered.received_at, dequeued_at=dequeued_at)
+            except EngineDead as exc:
+                self.fatal = f"engine died: {exc}"
+                return
+            else:
+                if stream is not None:
+                    stream.finish()
+                reply = self.replies.served(request, item.band, served_as, completion, attempt=attempt.number,
+                                            received_at=buffered.received_at, dequeued_at=dequeued_at)
+                self._observe(item.band, reply.timing, completion.completion_tokens)
+            self._send(reply, item.band, buffered.done, attempt)
+        finally:
+            self._slot_freed(item, task, tasks)
 
     def _observe(self, band: Band, timing: Timing, completion_tokens: int) -> None:
-        label, tally = band.value, self.tally
+        label, tally = metrics.LABEL[band], self.tally
         if timing.queue_ms is not None:
             tally.observe(metrics.queue_seconds, timing.queue_ms / 1000, label)
         if timing.ttft_ms is not None:
@@ -408,7 +428,7 @@ class Worker:
             self.guard.answered(reply.request_id, attempt)
 
         self.served += 1
-        self.tally.inc(metrics.replies, band.value, reply.status.value, reply.tenant_id)
+        self.tally.inc(metrics.replies, metrics.LABEL[band], metrics.LABEL[reply.status], reply.tenant_id)
         self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=durable)
 
     def _reply_topic(self, tenant_id: str) -> str:
@@ -444,7 +464,7 @@ class Worker:
             task, item = self.running[rid]
             if not task.done() and self._cancel_allowed(cancel, item.tenant_id):
                 self._cancelled_by_tenant.add(rid)
-                task.cancel()
+                self._cancel(task)
                 metrics.cancels.labels("running").inc()
             return
         waiting = next((item for item in self.policy.waiting if item.request_id == rid), None)
@@ -514,7 +534,7 @@ class Worker:
         revoked = set(partitions)
         for tp in partitions:
             for task in self.tasks_by_partition.pop(tp, set()):
-                task.cancel()
+                self._cancel(task)
         self.policy.remove_where(lambda item: item.payload.tp in revoked)
         if not lost:
             self.writer.flush(5)
