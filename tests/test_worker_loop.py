@@ -561,16 +561,22 @@ async def test_another_tenants_cancel_is_refused_and_an_early_cancel_waits_for_i
         assert h.reply_for(early).status is Status.cancelled and rid(early) not in h.engine.started
 
 
+async def admitted_not_started(h: Harness) -> bytes:
+    """A low request admitted in a loop turn of the test's own: its task exists and has not run a step."""
+    h.worker.policy.tenant_caps = {"acme": 0}  # hold it in the buffer
+    queued = request("low")
+    h.publish(Band.low, queued)
+    await h.until(lambda: h.worker.policy.waiting_by_band()[Band.low] == 1, "buffered")
+    h.worker.policy.tenant_caps = {}
+    h.worker._admit(time.time())
+    return queued
+
+
 async def test_a_request_cancelled_in_the_turn_it_was_admitted_is_still_answered(base):
     """Admitted (its task made) and cancelled before the task ran a step: ``_serve`` never runs, so
     the answer must come from where the slot is freed, or the request is never answered."""
     async with Harness(topology(base), slots=1) as h:
-        h.worker.policy.tenant_caps = {"acme": 0}  # hold it in the buffer
-        queued = request("low")
-        h.publish(Band.low, queued)
-        await h.until(lambda: h.worker.policy.waiting_by_band()[Band.low] == 1, "buffered")
-        h.worker.policy.tenant_caps = {}
-        h.worker._admit(time.time())  # its task exists and has not run a step
+        queued = await admitted_not_started(h)
         assert rid(queued) in h.worker.running
         h.worker._on_cancel(Cancel(request_id=rid(queued), tenant_id="acme"))
         await h.until(lambda: h.reply_for(queued) is not None, "the cancelled reply")
@@ -583,12 +589,7 @@ async def test_a_request_revoked_in_the_turn_it_was_admitted_frees_its_slot_unan
     """Its task is cancelled before its first step (``_serve``'s ``finally`` never runs): the slot is
     freed all the same, and the request is left to the partition's next owner."""
     async with Harness(topology(base), slots=1) as h:
-        h.worker.policy.tenant_caps = {"acme": 0}  # hold it in the buffer
-        queued = request("low")
-        h.publish(Band.low, queued)
-        await h.until(lambda: h.worker.policy.waiting_by_band()[Band.low] == 1, "buffered")
-        h.worker.policy.tenant_caps = {}
-        h.worker._admit(time.time())  # its task exists and has not run a step
+        queued = await admitted_not_started(h)
         h.intake.revoke([("p.low", 0)])
         await h.until(lambda: h.worker.policy.in_flight == 0, "its slot freed")
         assert rid(queued) not in h.worker.running and not h.worker._starting
