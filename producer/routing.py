@@ -32,8 +32,8 @@ proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker i
 twice the longest gap between advances it has shown (a long generation holds the committed
 offset still on a healthy worker), gets none while any other lane can take them. Lanes whose drain rate is not known yet (no request
 done since they had work) count at the average rate of the others; with no rate known at all
-the counts alone decide, so a new producer spreads a tenant's requests evenly over its
-lanes. The record key stays the tenant id, so the contract is unchanged for clients that only
+the counts alone decide, so a new producer spreads a tenant's requests evenly (over every
+partition while they are light, then over its lanes). The record key stays the tenant id, so the contract is unchanged for clients that only
 set the key.
 
 Known approximations: a tenant's records done out of order (fair share serves them before
@@ -236,7 +236,7 @@ class LaneRouter:
         return partitions, lanes
 
     def partition_for(self, tenant_id: str, pool: str, band: Band) -> int | None:
-        """The lane where the tenant's request would wait least (see the module doc); None when the
+        """The partition where the tenant's request would wait least (see the module doc); None when the
         topic's partitions are not known yet (Kafka's partitioner then places the record by its key).
         Call ``delivered`` with the record's delivery report."""
         reading = self._reading
