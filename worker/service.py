@@ -318,12 +318,12 @@ class Worker:
 
     def _admit(self, now: float) -> None:
         loop = asyncio.get_running_loop()
-        admitted = False
+        dequeued_at: datetime | None = None  # one time for every request this turn admits
         while (item := self.policy.next(now)) is not None:
-            admitted = True
+            dequeued_at = dequeued_at or utc_now()
             self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
             tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
-            task = loop.create_task(self._serve(item, tasks))
+            task = loop.create_task(self._serve(item, tasks, dequeued_at))
             tasks.add(task)
             self._unstarted[task] = (item, tasks)
             self.running[item.request_id] = (task, item)
@@ -331,7 +331,7 @@ class Worker:
             self.tally.inc(metrics.admitted, metrics.LABEL[item.band], metrics.LABEL[served_as], item.tenant_id)
             if served_as is not item.band:
                 self.tally.inc(metrics.promotions, metrics.LABEL[item.band])
-        if admitted:
+        if dequeued_at is not None:
             self.admit_turns += 1
 
     def _cancel(self, task: asyncio.Task[None]) -> None:
@@ -360,14 +360,15 @@ class Worker:
         self.policy.finished(item)
         self._wake.set()
 
-    async def _serve(self, item: Pending, tasks: set[asyncio.Task[None]]) -> None:
+    async def _serve(self, item: Pending, tasks: set[asyncio.Task[None]], dequeued_at: datetime) -> None:
+        """Run one admitted request and answer it. ``dequeued_at``: when admission took it (not when
+        this task first ran: requests admitted in one turn left the queue together)."""
         task = asyncio.current_task()
         assert task is not None
         del self._unstarted[task]  # it runs: ``_cancel`` adds no done callback for it
         buffered: Buffered = item.payload
         request = buffered.request
         served_as = item.served_as or item.band
-        dequeued_at = utc_now()
         attempt: Attempt | None = None
         reply: Reply
         progress, stream = Progress(), None
