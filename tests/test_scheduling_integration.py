@@ -47,10 +47,7 @@ async def test_reserved_slots_let_a_high_burst_start_while_lows_run(settings, ba
         worker = start_worker(topology, engine_queue=0)
         lows = await publisher.send([request(priority="low", max_tokens=450) for _ in range(6)])
         while worker.policy.in_flight < 2:  # both low-band slots taken; the proof is in the timings below
-            await asyncio.sleep(0.005)
-        # admitted tasks stamp dequeued_at when they first run, on the loop's next turns; the
-        # publisher's thread would otherwise stamp the highs' submitted_at before that
-        await asyncio.sleep(0.05)
+            await asyncio.sleep(0.005)  # (admission stamps dequeued_at in the same step it counts them)
         highs = await publisher.send([request(priority="high", max_tokens=4) for _ in range(2)])
     replies = {r.request_id: r for r in await collect(settings, topology, "acme", expect=8)}
     for rid in highs:
