@@ -34,6 +34,7 @@ from broker.groups import adopt_pool_group_offsets
 from broker.topics import PartitionKey
 from schemas.messages import Band
 from schemas.settings import Settings
+from worker.settings import DEFAULT_FETCH_WAIT_MS
 
 log = structlog.get_logger("tierq.intake")
 
@@ -122,15 +123,10 @@ class Intake:
         self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
         self._on_revoked: Callable[[list[PartitionKey], bool], None] | None = None
         waits = fetch_wait_ms or {}
-        self._consumers = {topic: self._consumer_for(settings, self.groups[topic], session_timeout_ms, client_id,
-                                                     waits.get(band, 50))
-                           for topic, band in self.topic_band.items()}
-
-    @staticmethod
-    def _consumer_for(settings: Settings, group_id: str, session_timeout_ms: int,
-                      client_id: str | None, fetch_wait_ms: int) -> confluent_kafka.Consumer:
-        return confluent_kafka.Consumer(consumer_config(settings, group_id, session_timeout_ms, client_id,
-                                                        fetch_wait_ms))
+        self._consumers = {
+            topic: confluent_kafka.Consumer(consumer_config(settings, self.groups[topic], session_timeout_ms,
+                                                            client_id, waits.get(band, DEFAULT_FETCH_WAIT_MS)))
+            for topic, band in self.topic_band.items()}
 
     def subscribe(self, on_assigned: Callable[[list[PartitionKey]], None],
                   on_revoked: Callable[[list[PartitionKey], bool], None]) -> None:

@@ -15,6 +15,10 @@ from worker.models import default_models_dir
 from worker.simulated import SimParams
 
 
+#: a band consumer's fetch.wait.max.ms unless ``TIERQ_FETCH_WAIT_MS`` names the band
+DEFAULT_FETCH_WAIT_MS = 50
+
+
 class SimulatedSettings(BaseModel):
     """``TIERQ_SIMULATED__*``: the simulated engine's times (ms on the reference H100; see worker/simulated.py)."""
 
@@ -69,7 +73,7 @@ class WorkerSettings(Settings):
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     fetch_wait_ms: dict[Band, int] = Field(
-        default_factory=lambda: {Band.high: 50, Band.medium: 50, Band.low: 50},
+        default_factory=lambda: dict.fromkeys(Band, DEFAULT_FETCH_WAIT_MS),
         description="per band: how long the broker may hold a fetch that finds nothing new (librdkafka "
                     "fetch.wait.max.ms). Kafka answers as soon as a record arrives; Tansu 0.6.0 holds the "
                     "fetch the whole time, so there it is also the band's added latency. Shorter: more "
@@ -80,7 +84,7 @@ class WorkerSettings(Settings):
     def _every_band(cls, value: dict[Band, int]) -> dict[Band, int]:
         if any(ms < 1 or ms > 60_000 for ms in value.values()):
             raise ValueError("fetch_wait_ms: each band's wait must be 1..60000 ms")
-        return {band: value.get(band, 50) for band in Band}
+        return {band: value.get(band, DEFAULT_FETCH_WAIT_MS) for band in Band}
     aging: bool = Field(default=True, description="promote waiting requests by aging (false: strict priority only)")
     cancel_memory_s: float = Field(default=300.0, gt=0, description=(
         "how long a cancel for a request this worker does not hold is kept (it may arrive later), "
