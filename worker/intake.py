@@ -19,14 +19,24 @@ at its limit alone is paused (``poll`` keeps running so the group does not rebal
 and resumed at half. Reading ahead loses nothing: offsets are committed only up to the first
 request not yet answered (worker.offsets), so whatever a worker buffered but did not start is
 read again by the partition's next owner.
+
+**A group that does not re-form.** Each band consumer's librdkafka statistics say whether its
+member is ``steady`` in its group; one that has not been for ``rebalance_stuck_s`` is logged
+(``band_group_stuck``) once, and again when it settles. On the embedded broker (Tansu 0.6.0) a
+group whose leader leaves while the group re-forms (a member joined or left a moment before)
+never re-forms: the broker keeps the departed leader and answers every SyncGroup with
+REBALANCE_IN_PROGRESS, so the group's members loop without an assignment, and its partitions
+without an owner, until the broker restarts (README, known problems). Kafka elects a new leader.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import confluent_kafka
+import orjson
 import structlog
 from confluent_kafka import TopicPartition
 
@@ -37,6 +47,38 @@ from schemas.settings import Settings
 from worker.settings import DEFAULT_FETCH_WAIT_MS
 
 log = structlog.get_logger("tierq.intake")
+
+
+class RebalanceWatch:
+    """Whether a band consumer's group member has been out of ``steady`` for too long, from its
+    librdkafka statistics (``cgrp.join_state``); see the module doc."""
+
+    def __init__(self, band: Band, group: str, stuck_after_s: float):
+        self.band, self.group, self.stuck_after_s = band, group, stuck_after_s
+        self.steady_at = time.monotonic()  # subscribing starts a join: count from there
+        self.stuck = False
+
+    def observe(self, join_state: str, now: float) -> None:
+        """One statistics report: log when the member passes ``stuck_after_s`` unsteady, and when it settles."""
+        if join_state == "steady":
+            if self.stuck:
+                log.info("band_group_formed", band=self.band.value, group=self.group,
+                         after_s=round(now - self.steady_at, 1))
+            self.steady_at, self.stuck = now, False
+        elif not self.stuck and now - self.steady_at > self.stuck_after_s:
+            self.stuck = True
+            log.error("band_group_stuck", band=self.band.value, group=self.group, join_state=join_state,
+                      unsteady_s=round(now - self.steady_at, 1),
+                      why="this worker's member of the band's group has had no assignment for this long, so "
+                          "part of the band may have no owner. On the embedded broker (Tansu 0.6.0) a group "
+                          "whose leader left while it re-formed never re-forms: restart the broker, or use "
+                          "another group id (TIERQ_GROUP_ID; its committed offsets stay with the old one)")
+
+    def on_stats(self, stats_json: str) -> None:
+        """librdkafka's ``stats_cb``."""
+        cgrp = orjson.loads(stats_json).get("cgrp")
+        if cgrp:
+            self.observe(cgrp.get("join_state", ""), time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -71,11 +113,12 @@ class ReadAhead:
 
 
 def consumer_config(settings: Settings, group_id: str, session_timeout_ms: int, client_id: str | None,
-                    fetch_wait_ms: int) -> dict[str, object]:
-    """librdkafka configuration of one band's consumer."""
+                    fetch_wait_ms: int, stats_interval_ms: int = 0) -> dict[str, object]:
+    """librdkafka configuration of one band's consumer (``stats_interval_ms``: 0, no statistics)."""
     return settings.librdkafka(
         "worker",
         **{
+            "statistics.interval.ms": stats_interval_ms,
             "group.id": group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -109,6 +152,7 @@ class Intake:
         client_id: str | None = None,
         pool_group: str | None = None,
         fetch_wait_ms: Mapping[Band, int] | None = None,
+        rebalance_stuck_s: float = 60.0,
     ):
         """``groups``: the consumer group of each band topic; ``pool_group``: the single group of
         earlier versions, whose committed offsets are adopted before joining (broker.groups)."""
@@ -123,9 +167,15 @@ class Intake:
         self._on_assigned: Callable[[list[PartitionKey]], None] | None = None
         self._on_revoked: Callable[[list[PartitionKey], bool], None] | None = None
         waits = fetch_wait_ms or {}
+        #: per band topic: is its group re-forming for too long (statistics every quarter of the limit, 1-5 s)
+        self.watches = {topic: RebalanceWatch(band, self.groups[topic], rebalance_stuck_s)
+                        for topic, band in self.topic_band.items()}
+        stats_ms = int(min(max(rebalance_stuck_s / 4, 1.0), 5.0) * 1000)
         self._consumers = {
-            topic: confluent_kafka.Consumer(consumer_config(settings, self.groups[topic], session_timeout_ms,
-                                                            client_id, waits.get(band, DEFAULT_FETCH_WAIT_MS)))
+            topic: confluent_kafka.Consumer({
+                **consumer_config(settings, self.groups[topic], session_timeout_ms, client_id,
+                                  waits.get(band, DEFAULT_FETCH_WAIT_MS), stats_ms),
+                "stats_cb": self.watches[topic].on_stats})
             for topic, band in self.topic_band.items()}
 
     def subscribe(self, on_assigned: Callable[[list[PartitionKey]], None],
@@ -135,6 +185,8 @@ class Intake:
         if self._pool_group is not None:
             adopt_pool_group_offsets(self._settings, self._pool_group, self.groups)
         self._on_assigned, self._on_revoked = on_assigned, on_revoked
+        for watch in self.watches.values():
+            watch.steady_at = time.monotonic()
         for topic, consumer in self._consumers.items():
             consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
 

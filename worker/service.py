@@ -583,7 +583,8 @@ def build_worker(settings: WorkerSettings, topology: Topology, engine: EngineAda
     guard = PoisonGuard(AttemptsLedger(settings, topology.attempts.topic, group_id), writer, group_id)
     intake = Intake(settings, topology.pool_topics(settings.pool), topology.band_groups(settings.pool, group_id),
                     session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id,
-                    pool_group=group_id, fetch_wait_ms=settings.fetch_wait_ms)
+                    pool_group=group_id, fetch_wait_ms=settings.fetch_wait_ms,
+                    rebalance_stuck_s=settings.rebalance_stuck_s)
     control = ControlReader(settings, topology.control_topic(settings.pool), settings.cancel_memory_s)
     return Worker(settings, topology, engine, intake=intake, writer=writer, guard=guard, reloader=reloader,
                   control=control)

@@ -72,6 +72,11 @@ class WorkerSettings(Settings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace period for in-flight requests")
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
+    rebalance_stuck_s: float = Field(
+        default=60.0, ge=1,
+        description="seconds a band group may spend re-forming (this worker's member not steady) before the "
+                    "worker logs band_group_stuck: on Tansu 0.6.0 a group whose leader left while it re-formed "
+                    "never re-forms (README, known problems)")
     fetch_wait_ms: dict[Band, int] = Field(
         default_factory=lambda: dict.fromkeys(Band, DEFAULT_FETCH_WAIT_MS),
         description="per band: how long the broker may hold a fetch that finds nothing new (librdkafka "
