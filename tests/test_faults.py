@@ -23,7 +23,7 @@ from schemas.messages import Band, ErrorCode, Status, utc_now
 from schemas.settings import Settings
 from tests.conftest import isolated_topology
 from tests.kafka_helpers import read_topics
-from tests.worker_fixtures import collect, custom_topology, publish, request, spawn_worker
+from tests.worker_fixtures import collect, custom_topology, every_partition, publish, request, settled, spawn_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
@@ -130,8 +130,7 @@ async def test_rebalances_mid_run_lose_nothing(settings, base_topology, start_wo
     topology = custom_topology(base_topology, settings)
     group = f"g-{uuid.uuid4().hex[:8]}"
     tenants = ["acme", "globex", "initech"]
-    every_partition = {(t, p) for band, t in topology.pool_topics("default").items()
-                       for p in range(topology.bands[band].partitions)}
+    partitions = every_partition(topology)
     sent: dict[str, list[str]] = {t: [] for t in tenants}
 
     def load(per_tenant: int) -> None:
@@ -145,18 +144,11 @@ async def test_rebalances_mid_run_lose_nothing(settings, base_topology, start_wo
     await asyncio.to_thread(load, 40)
     third = start_worker(topology, group_id=group, worker_id="w3")
     await asyncio.to_thread(load, 20)
-    workers = (first, second, third)
-
-    def settled() -> bool:
-        owned = [w.intake.assigned for w in workers]
-        bands_of_third = {third.intake.topic_band[topic] for topic, _p in third.intake.assigned}
-        return (len(bands_of_third) == len(third.intake.topic_band)
-                and sum(map(len, owned)) == len(every_partition) and set().union(*owned) == every_partition)
-
-    await _until(settled, "the join has settled: the three own every partition once, the third in every band")
+    await _until(lambda: settled((first, second, third), third, partitions),
+                 "the join has settled: the three own every partition once, the third in every band")
     first.request_stop()  # leaves the group: finishes what it started, hands the rest over
     await asyncio.to_thread(load, 20)
-    await _until(lambda: second.intake.assigned | third.intake.assigned == every_partition and not first.intake.assigned,
+    await _until(lambda: second.intake.assigned | third.intake.assigned == partitions and not first.intake.assigned,
                  "the remaining two own every partition")
     for tenant, ids in sent.items():
         replies = await collect(settings, topology, tenant, expect=len(ids), timeout=240)

@@ -20,7 +20,7 @@ from broker.backlog import BacklogReader
 from schemas.codec import encode
 from schemas.messages import Band, Request, utc_now
 from schemas.topology import Topology
-from tests.worker_fixtures import Publisher, collect, custom_topology, request, spawn_worker
+from tests.worker_fixtures import Publisher, collect, custom_topology, every_partition, request, settled, spawn_worker
 from worker.service import Worker, build_worker
 from worker.settings import SimulatedSettings, WorkerSettings
 from worker.simulated import SimulatedEngine
@@ -127,8 +127,10 @@ async def test_a_worker_joining_and_one_leaving_lose_nothing_under_lane_routing(
         second = start_simulated(topology, group, "w1", speed=0.1)
         await until(lambda: bool(second.intake.assigned), "the second worker joins")
         sent += await publisher.send([request("acme", "low", max_tokens=16) for _ in range(40)])
-        # let the join's rebalance settle first (both workers serving): Tansu 0.6.0 was seen to lose a
-        # member that left while the group was still completing a rebalance, until that worker restarts
+        # the join settles in every band group before the leave (worker_fixtures.settled: Tansu 0.6.0
+        # loses a group whose leader leaves while it re-forms)
+        await until(lambda: settled((first, second), second, every_partition(topology)),
+                    "the join has settled: the two own every partition once, the second in every band")
         await until(lambda: first.served > 0 and second.served > 0, "both workers serving")
         first.request_stop()  # drains what it started; the rest is redelivered to the second
         await until(lambda: len(second.intake.assigned) == 32, "the second worker holds everything")
