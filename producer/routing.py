@@ -31,7 +31,10 @@ so a partition whose worker is slow or shared with more partitions gets fewer re
 proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker is gone), or for
 twice the longest gap between advances it has shown (a long generation holds the committed
 offset still on a healthy worker), gets none while any other lane can take them. Lanes whose drain rate is not known yet (no request
-done since they had work) count at the average rate of the others; with no rate known at all
+done since they had work) count at the average rate of the others, or at 1/t once they have had
+work for t seconds without finishing any, when that is lower (a slow worker's lanes show their
+rate last, precisely because they are slow: counted at the average until then, they took a fast
+lane's share of a burst's first seconds; bench.pool's hetero scenario); with no rate known at all
 the counts alone decide, so a new producer spreads a tenant's requests evenly (over every
 partition while they are light, then over its lanes). The record key stays the tenant id, so the contract is unchanged for clients that only
 set the key.
@@ -140,6 +143,8 @@ class LaneRouter:
         self._longest_gap: dict[PartitionKey, float] = {}
         #: lanes with backlog and no progress for their stall time (swapped in whole)
         self._stalled: frozenset[PartitionKey] = frozenset()
+        #: lanes with work, no rate yet: 1 / how long they have had work without finishing any (swapped in whole)
+        self._unproven: dict[PartitionKey, float] = {}
         self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
         self._reading_seen: Mapping[PartitionKey, tuple[int, int]] | None = None
         self._sent: dict[PartitionKey, int] = {}  # all tenants', since the last reading
@@ -191,6 +196,8 @@ class LaneRouter:
             tp for tp, (backlog, _c) in reading.items()
             if backlog > 0 and now - self._progress_at.get(tp, now)
             >= max(STALL_AFTER_S, STALL_GAP_FACTOR * gaps.get(tp, 0.0)))
+        self._unproven = {tp: 1.0 / (now - self._progress_at[tp]) for tp, (backlog, _c) in reading.items()
+                          if backlog > 0 and tp not in rates and now > self._progress_at.get(tp, now)}
         self._previous = reading, now
         self._rates = rates
         self._reading = reading
@@ -250,7 +257,7 @@ class LaneRouter:
         if known_lanes is None:
             return None
         partition_count, lanes = known_lanes
-        rates, stalled = self._rates, self._stalled
+        rates, stalled, unproven = self._rates, self._stalled, self._unproven
         candidates = range(partition_count)  # its lanes, and the band's other partitions while light
         known = [rates[(topic, p)] for p in candidates if rates.get((topic, p), 0.0) > MIN_RATE]
         average = sum(known) / len(known) if known else None
@@ -273,7 +280,9 @@ class LaneRouter:
                     wait = float(ahead)
                 else:
                     rate = rates.get(tp)
-                    wait = (ahead + 1) / (average if rate is None else max(rate, MIN_RATE))
+                    if rate is None:
+                        rate = min(average, unproven.get(tp, average))
+                    wait = (ahead + 1) / max(rate, MIN_RATE)
                 if best_wait is None or wait < best_wait:
                     best_wait, best = wait, [partition]
                 elif wait == best_wait:

@@ -245,7 +245,9 @@ def test_a_lane_whose_long_requests_hold_its_offset_still_is_not_judged_stalled_
 def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_topology: Topology, monkeypatch):
     """A burst's first second: the lanes whose first request is still running have committed
     nothing yet. Their speed is unknown, not zero: they keep taking requests (the router once
-    counted them as stalled and sent the whole burst to the lanes that happened to commit)."""
+    counted them as stalled and sent the whole burst to the lanes that happened to commit). They
+    count at 1/s (no request done in the second they had work) against the lucky lane's 2/s, so
+    they take fewer than it and than the idle partitions, and some each."""
     topic = base_topology.band_topic("default", Band.low)
     lanes = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
     lucky, *running = lanes
@@ -256,7 +258,24 @@ def test_a_lane_that_has_not_finished_a_request_yet_is_not_judged_stalled(base_t
     backlog[(topic, lucky)] = 2
     routing.refresh()
     chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(4 * len(lanes)))
-    assert sum(chosen[p] for p in running) >= 3 * len(running), chosen
+    assert all(chosen[p] >= 2 for p in running), chosen
+
+
+def test_a_lane_with_work_and_no_request_done_for_long_counts_as_slow(base_topology: Topology, monkeypatch):
+    """A slow worker's lanes show their rate last. Until then a lane that has had work for t
+    seconds without finishing any counts at 1/t when that is below the others' average rate: it
+    takes fewer of the requests than the lanes that have shown their speed, not an equal share."""
+    topic = base_topology.band_topic("default", Band.low)
+    slow, *fast = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
+    backlog = {(topic, p): 8 for p in (slow, *fast)}
+    committed = {tp: 0 for tp in backlog}
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed)
+    for second in range(1, 5):  # the fast lanes finish 2 a second; the slow one none in 4 s
+        for p in fast:
+            committed[(topic, p)] = 2 * second
+        routing.refresh()
+    chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(10 * len(fast)))
+    assert chosen[slow] * 4 <= min(chosen[p] for p in fast), chosen
 
 
 def test_a_lane_idle_for_a_while_forgets_its_drain_rate(base_topology: Topology, monkeypatch):
