@@ -52,15 +52,27 @@ def adopt_pool_group_offsets(settings: Settings, pool_group: str, band_groups: M
     version has nothing to adopt. A band group that refuses the commit because another upgraded
     worker joined it first has its own offsets by then (read again to be sure). Anything else
     raises ``GroupAdoptionError``: the broker did not answer, or offsets would be left behind."""
+    return copy_committed_offsets(settings, dict.fromkeys(band_groups, pool_group), band_groups, timeout, admin)
+
+
+def copy_committed_offsets(settings: Settings, sources: Mapping[str, str], targets: Mapping[str, str],
+                           timeout: float = 10.0, admin: AdminClient | None = None) -> dict[str, int]:
+    """For each topic of ``targets``, copy the committed offsets of its group in ``sources`` into its
+    group in ``targets`` where that one has none (``adopt_pool_group_offsets``; ``tierq groups
+    copy``). Returns the partitions copied per target group; raises ``GroupAdoptionError`` as that
+    function says. Kafka accepts the commit only while the target group has no members."""
     admin = admin or AdminClient(settings.librdkafka("groups-admin", **{"allow.auto.create.topics": False}))
     adopted: dict[str, int] = {}
+    described = " / ".join(sorted(set(sources.values())))
     try:
         metadata = admin.list_topics(timeout=timeout)
         partitions = {topic: [TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)]
-                      for topic in band_groups if topic in metadata.topics and metadata.topics[topic].partitions}
-        every = [tp for tps in partitions.values() for tp in tps]
-        old = committed_offsets(admin, pool_group, every, timeout) if every else {}
-        for topic, group in band_groups.items():
+                      for topic in targets if topic in metadata.topics and metadata.topics[topic].partitions}
+        old: dict[tuple[str, int], int] = {}
+        for source in sorted(set(sources.values())):
+            wanted = [tp for topic, tps in partitions.items() if sources.get(topic) == source for tp in tps]
+            old.update(committed_offsets(admin, source, wanted, timeout) if wanted else {})
+        for topic, group in targets.items():
             missing = _missing(admin, group, topic, partitions.get(topic, []), old, timeout)
             if not missing:
                 continue
@@ -73,14 +85,14 @@ def adopt_pool_group_offsets(settings: Settings, pool_group: str, band_groups: M
             else:
                 why = "; ".join(f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in refused)
             if refused and _missing(admin, group, topic, partitions[topic], old, timeout):
-                raise GroupAdoptionError(f"cannot copy {pool_group}'s committed offsets into {group} ({why}); "
+                raise GroupAdoptionError(f"cannot copy {sources[topic]}'s committed offsets into {group} ({why}); "
                                          "starting would serve its answered requests again")
             adopted[group] = len(missing)
-            log.info("pool_group_offsets_adopted", group=group, from_group=pool_group,
+            log.info("pool_group_offsets_adopted", group=group, from_group=sources[topic],
                      offsets={f"{tp.topic}[{tp.partition}]": tp.offset for tp in missing})
     except KafkaException as exc:
-        raise GroupAdoptionError(f"cannot read the committed offsets of {pool_group} or its band groups: {exc}; "
-                                 "starting could serve answered requests again") from None
+        raise GroupAdoptionError(f"cannot read the committed offsets of {described} or of {', '.join(sorted(targets.values()))}: "
+                                 f"{exc}; starting could serve answered requests again") from None
     return adopted
 
 

@@ -6,6 +6,8 @@ They assert outcomes (every request answered, nothing lost, the worker alive), n
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -13,11 +15,16 @@ from datetime import datetime, timedelta
 import confluent_kafka
 import orjson
 import pytest
+import yaml
+from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka.admin import AdminClient
 from structlog.testing import capture_logs
 
 from broker.topics import create_topics
 from broker.embedded import EmbeddedBroker, LocalS3, free_port
+from broker.groups import committed_offsets
 from producer.client import Producer
+from producer.collector import ResultCollector
 from schemas.codec import MessageError
 from schemas.messages import Band, ErrorCode, Status, utc_now
 from schemas.settings import Settings
@@ -204,6 +211,62 @@ async def test_a_band_group_that_never_re_forms_is_reported(settings, base_topol
     assert [e["band"] for e in stuck] == ["low"]
     assert stuck[0]["group"] == f"{group}-low"
     assert not any(topic == low_topic for topic, _p in worker.intake.assigned)
+
+
+async def test_a_pool_moves_off_a_stuck_group_without_serving_answered_requests_again(settings, base_topology,
+                                                                                       engine, tmp_path):
+    """The way out that band_group_stuck names: stop the workers, ``tierq groups copy --from <old>
+    --to <new>``, start them with the new group id. What the old group had committed (answered)
+    is not served again; what it had not is."""
+    topology = custom_topology(base_topology, settings)
+    topics_path = tmp_path / "topics.yaml"
+    topics_path.write_text(yaml.safe_dump(topology.model_dump(mode="json")))
+    old, new = f"g-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    low_topic = topology.pool_topics("default")[Band.low]
+    with Producer(settings, topology, on_quota="off") as producer:
+        answered = [producer.submit(request(max_tokens=4)).result(timeout=30) for _ in range(4)]
+    # the old group answered those: its committed offset is past each
+    ends: dict[int, int] = {}
+    for delivery in answered:
+        ends[delivery.partition] = max(ends.get(delivery.partition, 0), delivery.offset + 1)
+    admin = AdminClient(settings.librdkafka("test-admin"))
+    group_low = topology.band_groups("default", old)[low_topic]
+    future = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(
+        group_low, [confluent_kafka.TopicPartition(low_topic, p, o) for p, o in ends.items()])])[group_low]
+    await asyncio.to_thread(future.result, 30)
+    await asyncio.to_thread(_brick_group, settings, low_topic, group_low)
+    waiting = publish(settings, topology, [request(max_tokens=4) for _ in range(4)])
+
+    worker, task = spawn_worker(engine, settings.bootstrap_servers, topology, group_id=old, rebalance_stuck_s=3)
+    with capture_logs() as logs:
+        await _until(lambda: any(e["event"] == "band_group_stuck" for e in logs), "the stuck band group is reported",
+                     timeout=60)
+    worker.request_stop()
+    assert await asyncio.wait_for(task, 60) == 0
+
+    copied = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "tierq", "groups", "copy", "--bootstrap", settings.bootstrap_servers,
+        "--topics", str(topics_path), "--from", old, "--to", new], capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stderr
+    assert f"{group_low} -> {new}-low: {len(ends)} partition offsets copied" in copied.stdout
+
+    carried = await asyncio.to_thread(committed_offsets, admin, f"{new}-low",
+                                      [confluent_kafka.TopicPartition(low_topic, p) for p in ends], 30)
+    assert carried == {(low_topic, p): o for p, o in ends.items()}
+
+    worker, task = spawn_worker(engine, settings.bootstrap_servers, topology, group_id=new)
+    try:  # an answered request served again would be among the first replies: it is older in its partition
+        replies = await collect(settings, topology, "acme", expect=len(waiting), timeout=120)
+        assert {r.request_id for r in replies} == set(waiting)
+    finally:
+        worker.request_stop()
+        assert await asyncio.wait_for(task, 60) == 0
+
+    def every_reply() -> set[str]:
+        with ResultCollector(settings, topology, "acme") as collector:
+            return {r.request_id for r in collector.replies(timeout=60)}  # to the end of the reply topic
+
+    assert await asyncio.to_thread(every_reply) == set(waiting), "answered requests were served again"
 
 
 async def test_worker_waits_for_a_broker_that_is_not_there_yet(base_topology, engine, tmp_path):

@@ -88,6 +88,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_groups_copy(args: argparse.Namespace) -> int:
+    """Carry a pool's committed offsets from its band groups under one group id to another's."""
+    from broker.groups import GroupAdoptionError, copy_committed_offsets
+
+    settings = settings_from_args(args)
+    topology = settings.load_topology()
+    if args.pool not in topology.pools:
+        print(f"tierq: error: no pool {args.pool!r} in the topology (pools: {', '.join(topology.pools)})", file=sys.stderr)
+        return EXIT_USAGE
+    source = args.source or topology.pool_group(args.pool)
+    sources, targets = topology.band_groups(args.pool, source), topology.band_groups(args.pool, args.target)
+    try:
+        copied = copy_committed_offsets(settings, sources, targets, timeout=args.timeout)
+    except GroupAdoptionError as exc:
+        print(f"tierq: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for topic, group in targets.items():
+        print(f"{sources[topic]} -> {group}: {copied.get(group, 0)} partition offsets copied")
+    return EXIT_OK
+
+
 def cmd_schema_export(args: argparse.Namespace) -> int:
     from schemas.export import export_json_schemas
 
@@ -140,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="a JSON list, one object per partition")
     status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
     status.set_defaults(func=cmd_status)
+
+    groups = commands.add_parser("groups", help="the pools' consumer groups").add_subparsers(dest="action", required=True)
+    copy = groups.add_parser(
+        "copy", parents=[common],
+        help="copy a pool's committed offsets from the band groups of one group id to those of another, where the "
+             "other has none (stop the pool's workers first; then start them with TIERQ_GROUP_ID=<to>): moves a "
+             "pool off a group that no longer works (band_group_stuck) without serving answered requests again")
+    copy.add_argument("--from", dest="source",
+                      help="the group id the workers ran with (their TIERQ_GROUP_ID; default tierq-<pool>)")
+    copy.add_argument("--to", dest="target", required=True, help="the new group id")
+    copy.add_argument("--pool", default="default", help="pool (default: default)")
+    copy.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    copy.set_defaults(func=cmd_groups_copy)
 
     schema = commands.add_parser("schema", help="message schemas").add_subparsers(dest="action", required=True)
     export = schema.add_parser("export", help="write JSON Schema files for the request and reply messages")

@@ -71,8 +71,9 @@ class RebalanceWatch:
                       unsteady_s=round(now - self.steady_at, 1),
                       why="this worker's member of the band's group has had no assignment for this long, so "
                           "part of the band may have no owner. On the embedded broker (Tansu 0.6.0) a group "
-                          "whose leader left while it re-formed never re-forms: restart the broker, or use "
-                          "another group id (TIERQ_GROUP_ID; its committed offsets stay with the old one)")
+                          "whose leader left while it re-formed never re-forms: stop the pool's workers, run "
+                          "`tierq groups copy --from <this group id> --to <a new one>` and start them with "
+                          "TIERQ_GROUP_ID=<the new one> (nothing answered is served again)")
 
     def on_stats(self, stats_json: str) -> None:
         """librdkafka's ``stats_cb``."""
