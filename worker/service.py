@@ -414,14 +414,10 @@ class Worker:
             self._slot_freed(item, task, tasks)
 
     def _observe(self, band: Band, timing: Timing, completion_tokens: int) -> None:
-        label, tally = metrics.LABEL[band], self.tally
-        if timing.queue_ms is not None:
-            tally.observe(metrics.queue_seconds, timing.queue_ms / 1000, label)
-        if timing.ttft_ms is not None:
-            tally.observe(metrics.ttft_seconds, timing.ttft_ms / 1000, label)
-        if timing.e2e_ms is not None:
-            tally.observe(metrics.e2e_seconds, timing.e2e_ms / 1000, label)
-        tally.inc(metrics.tokens, label, amount=completion_tokens)
+        queue_ms, ttft_ms, e2e_ms = timing.queue_ms, timing.ttft_ms, timing.e2e_ms
+        self.tally.served(metrics.LABEL[band], None if queue_ms is None else queue_ms / 1000,
+                          None if ttft_ms is None else ttft_ms / 1000, None if e2e_ms is None else e2e_ms / 1000,
+                          completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
         def durable() -> None:
