@@ -110,7 +110,10 @@ class AdmissionPolicy:
     def add(self, item: Pending) -> None:
         item.seq = next(self._seq)
         item.promote_at = self._promotion_times(item) if self.aging else ()
-        queue = self._queues.setdefault((item.band, item.tenant_id), [])
+        key = (item.band, item.tenant_id)
+        queue = self._queues.get(key)
+        if queue is None:  # not setdefault: that would make a new empty list for every request
+            queue = self._queues[key] = []
         last = queue[-1] if queue else None
         if last is None or (last.submitted_ts, last.seq) <= (item.submitted_ts, item.seq):  # _age_order, inline
             queue.append(item)  # where insort puts it; requests mostly arrive oldest first (no bisect)

@@ -324,7 +324,9 @@ class Worker:
         while (item := self.policy.next(now)) is not None:
             dequeued_at = dequeued_at or utc_now()
             self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
-            tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
+            tasks = self.tasks_by_partition.get(item.payload.tp)
+            if tasks is None:  # not setdefault: that would make a new empty set for every request
+                tasks = self.tasks_by_partition[item.payload.tp] = set()
             task = loop.create_task(self._serve(item, tasks, dequeued_at))
             tasks.add(task)
             self._unstarted[task] = (item, tasks)
