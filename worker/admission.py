@@ -89,6 +89,17 @@ class AdmissionPolicy:
         for band in BAND_ORDER:
             self._limit[band] = max(capacity - reserved_above, 1)
             reserved_above += bands[band].reserved_slots
+        #: per band, the aging steps a request of that band waits through on its way up, its own
+        #: band's first, up to the first band that does not age (bands, like limits, are fixed here)
+        self._aging_steps: dict[Band, tuple[float, ...]] = {}
+        for band in BAND_ORDER:
+            steps = []
+            for rank in range(band.rank, 0, -1):
+                step = bands[BAND_ORDER[rank]].aging_step_s
+                if step is None:
+                    break
+                steps.append(step)
+            self._aging_steps[band] = tuple(steps)
         self._full_at = self._limit[Band.high]  # in flight at which even a high request finds no slot
         self._virtual_time = {band: 0.0 for band in BAND_ORDER}
         self._finish_tag: dict[Band, dict[str, float]] = {band: {} for band in BAND_ORDER}
@@ -127,10 +138,7 @@ class AdmissionPolicy:
         """Epoch times at which the item reaches each higher band, nearest first."""
         times = []
         at = item.submitted_ts
-        for rank in range(item.band.rank, 0, -1):
-            step = self.bands[BAND_ORDER[rank]].aging_step_s
-            if step is None:
-                break
+        for step in self._aging_steps[item.band]:
             at += step
             times.append(at)
         return tuple(times)
