@@ -38,6 +38,39 @@ def test_a_flushed_tally_exposes_what_per_request_calls_would_have():
     assert [line for line in generate_latest(tallied).decode().splitlines() if "_created" not in line] == expected
 
 
+def test_served_requests_reach_their_latency_histograms_and_token_counter():
+    """``Tally.served``: one call per served request for the band's queue, TTFT and end-to-end
+    histograms (None: not observed) and its token counter, as the per-value calls would have."""
+    from worker import metrics as worker_metrics
+
+    series = (worker_metrics.queue_seconds, worker_metrics.ttft_seconds, worker_metrics.e2e_seconds,
+              worker_metrics.tokens)
+
+    def samples(metrics_: tuple, band: str) -> dict[tuple[str, str], float]:
+        return {(sample.name, sample.labels.get("le", "")): sample.value for metric in metrics_
+                for family in metric.collect() for sample in family.samples
+                if sample.labels.get("band") == band and not sample.name.endswith("_created")}
+
+    registry = CollectorRegistry()
+    direct = (Histogram("tierq_queue_seconds", "q", ["band"], buckets=LATENCY_BUCKETS, registry=registry),
+              Histogram("tierq_ttft_seconds", "t", ["band"], buckets=LATENCY_BUCKETS, registry=registry),
+              Histogram("tierq_e2e_seconds", "e", ["band"], buckets=LATENCY_BUCKETS, registry=registry),
+              Counter("tierq_completion_tokens_total", "n", ["band"], registry=registry))
+    served = [(0.005, None, 0.3, 7), (0.0049, 0.01, 601.0, 0), (0.25, 0.025, 2.5, 3)]
+    before = samples(series, "medium")
+    tally = Tally()
+    for queue_s, ttft_s, e2e_s, tokens in served:
+        tally.served("medium", queue_s, ttft_s, e2e_s, tokens)
+        for histogram, value in zip(direct, (queue_s, ttft_s, e2e_s)):
+            if value is not None:
+                histogram.labels("medium").observe(value)
+        direct[3].labels("medium").inc(tokens)
+    assert samples(series, "medium") == before  # nothing handed over before a flush
+    tally.flush()
+    after = samples(series, "medium")
+    assert {key: after[key] - before.get(key, 0.0) for key in after} == samples(direct, "medium")
+
+
 def test_settle_gc_freezes_the_startup_heap_and_raises_the_young_threshold():
     import gc
 

@@ -89,6 +89,18 @@ class AdmissionPolicy:
         for band in BAND_ORDER:
             self._limit[band] = max(capacity - reserved_above, 1)
             reserved_above += bands[band].reserved_slots
+        #: per band, the aging steps a request of that band waits through on its way up, its own
+        #: band's first, up to the first band that does not age (bands, like limits, are fixed here)
+        self._aging_steps: dict[Band, tuple[float, ...]] = {}
+        for band in BAND_ORDER:
+            steps = []
+            for rank in range(band.rank, 0, -1):
+                step = bands[BAND_ORDER[rank]].aging_step_s
+                if step is None:
+                    break
+                steps.append(step)
+            self._aging_steps[band] = tuple(steps)
+        self._full_at = self._limit[Band.high]  # in flight at which even a high request finds no slot
         self._virtual_time = {band: 0.0 for band in BAND_ORDER}
         self._finish_tag: dict[Band, dict[str, float]] = {band: {} for band in BAND_ORDER}
         self._seq = itertools.count()
@@ -104,13 +116,17 @@ class AdmissionPolicy:
     def full(self) -> bool:
         """Nothing may start, whatever arrives: even a high request finds no slot (reserved ones
         included). Only a finished request changes that (``finished``)."""
-        return self.in_flight >= self._limit[Band.high]
+        return self.in_flight >= self._full_at
 
     def add(self, item: Pending) -> None:
         item.seq = next(self._seq)
         item.promote_at = self._promotion_times(item) if self.aging else ()
-        queue = self._queues.setdefault((item.band, item.tenant_id), [])
-        if not queue or _age_order(queue[-1]) <= _age_order(item):
+        key = (item.band, item.tenant_id)
+        queue = self._queues.get(key)
+        if queue is None:  # not setdefault: that would make a new empty list for every request
+            queue = self._queues[key] = []
+        last = queue[-1] if queue else None
+        if last is None or (last.submitted_ts, last.seq) <= (item.submitted_ts, item.seq):  # _age_order, inline
             queue.append(item)  # where insort puts it; requests mostly arrive oldest first (no bisect)
         else:
             bisect.insort(queue, item, key=_age_order)
@@ -122,10 +138,7 @@ class AdmissionPolicy:
         """Epoch times at which the item reaches each higher band, nearest first."""
         times = []
         at = item.submitted_ts
-        for rank in range(item.band.rank, 0, -1):
-            step = self.bands[BAND_ORDER[rank]].aging_step_s
-            if step is None:
-                break
+        for step in self._aging_steps[item.band]:
             at += step
             times.append(at)
         return tuple(times)
@@ -156,7 +169,9 @@ class AdmissionPolicy:
         """Remove and return the request to start now, or None if nothing may start."""
         if not self._queues or self.full():  # skip the scan
             return None
-        best_queue, best_key, best_band = None, None, Band.low
+        best_queue: list[Pending] | None = None
+        best_key: tuple[int, float, float, int] | None = None
+        best_band: Band | None = None
         for (_band, tenant_id), queue in self._queues.items():
             cap = self.tenant_caps.get(tenant_id)
             if cap is not None and self.in_flight_by_tenant[tenant_id] >= cap:
@@ -167,9 +182,11 @@ class AdmissionPolicy:
             key = (band.rank, start, head.submitted_ts, head.seq)
             if best_key is None or key < best_key:
                 best_queue, best_key, best_band = queue, key, band
-        if best_queue is None or not self._fits(best_queue[0].slots, best_band):
+        if best_queue is None:
             return None
-        assert best_key is not None
+        assert best_key is not None and best_band is not None
+        if not self._fits(best_queue[0].slots, best_band):
+            return None
         best = best_queue.pop(0)
         if not best_queue:
             del self._queues[(best.band, best.tenant_id)]

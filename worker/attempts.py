@@ -217,9 +217,13 @@ class HeldMarkers:
             if not item[1].done():
                 item[1].set_result(None)
 
+    def covered(self, tp: PartitionKey, offset: int) -> bool:
+        """Whether a marker at or past ``offset`` is durable (then ``wait_covered`` need not be awaited)."""
+        return offset <= self._durable.get(tp, NOTHING_HELD)
+
     async def wait_covered(self, tp: PartitionKey, offset: int) -> None:
         """Return once a marker at or past ``offset`` is durable (``cover`` must have been called)."""
-        if offset <= self._durable.get(tp, NOTHING_HELD):
+        if self.covered(tp, offset):
             return
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(tp, []).append((offset, future))

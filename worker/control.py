@@ -47,6 +47,8 @@ class CancelBook:
 
     def take(self, request_id: str) -> Cancel | None:
         """The cancel for ``request_id`` if one is remembered (it is forgotten now)."""
+        if not self._cancels:  # asked for every request that arrives; mostly none is remembered
+            return None
         self._evict()
         entry = self._cancels.pop(request_id, None)
         return None if entry is None else entry[0]

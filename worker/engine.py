@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from schemas.messages import Choice, ErrorCode, Request, ResponseFormat, TokenLogprob, TopLogprob, utc_now
 
@@ -63,8 +63,11 @@ class EngineConfig:
         return args
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(NamedTuple):
+    """One finished generation. A NamedTuple, not a frozen dataclass: immutable as well, and made
+    in a third of the time (one per request; a frozen dataclass sets each field through
+    ``object.__setattr__``)."""
+
     text: str
     finish_reason: str | None
     prompt_tokens: int

@@ -19,7 +19,10 @@ class OffsetTracker:
         self._committed: dict[PartitionKey, int] = {}
 
     def received(self, tp: PartitionKey, offset: int) -> None:
-        self._pending.setdefault(tp, OrderedDict())[offset] = False
+        offsets = self._pending.get(tp)
+        if offsets is None:  # not setdefault: that would make an OrderedDict for every record
+            offsets = self._pending[tp] = OrderedDict()
+        offsets[offset] = False
 
     def done(self, tp: PartitionKey, offset: int) -> None:
         """Mark done; ignored for partitions no longer owned (revoked meanwhile)."""

@@ -63,10 +63,11 @@ class PoisonGuard:
     async def start(self, request_id: str, tp: PartitionKey, offset: int) -> Attempt:
         """Make this attempt durable before the engine sees the request: its partition's held-to
         marker (usually durable already), or for a suspect its own count."""
+        if not self.ledger.is_suspect(request_id, tp, offset):  # no count and not inherited: a first attempt
+            if not self.held.covered(tp, offset):
+                await self.held.wait_covered(tp, offset)
+            return Attempt(1, counted=False)
         number = self.ledger.prior_attempts(request_id, tp, offset) + 1
-        if not self.ledger.is_suspect(request_id, tp, offset):
-            await self.held.wait_covered(tp, offset)
-            return Attempt(number, counted=False)
         durable = asyncio.get_running_loop().create_future()
         self.writer.count_attempt(request_id, number, on_durable=lambda: durable.done() or durable.set_result(None))
         await durable

@@ -32,7 +32,7 @@ from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
-from worker.admission import AdmissionPolicy, Pending, band_rules
+from worker.admission import NEVER, AdmissionPolicy, Pending, band_rules
 from worker.attempts import AttemptsLedger
 from worker.control import CancelBook, ControlReader
 from worker.engine import EngineAdapter, EngineDead, EngineRequestError, Progress, RequestRejected
@@ -276,21 +276,23 @@ class Worker:
     # ---- intake ----------------------------------------------------------------------
 
     def _accept(self, msg: confluent_kafka.Message, received_at: datetime) -> None:
-        tp, offset = (msg.topic(), msg.partition()), msg.offset()
+        topic, offset, value = msg.topic(), msg.offset(), msg.value()
+        tp = (topic, msg.partition())
         self.tracker.received(tp, offset)
-        band = self.intake.topic_band[msg.topic()]
+        band = self.intake.topic_band[topic]
         done = self._offset_done_callback(tp, offset)
-        verdict = self.triage.classify(msg.value(), band, lambda rid: self.guard.prior_attempts(rid, tp, offset))
-        if isinstance(verdict, Buffer) and self._cancelled_on_arrival(verdict.request, band, done, received_at):
-            return
+        verdict = self.triage.classify(value, band, lambda rid: self.guard.prior_attempts(rid, tp, offset))
         if isinstance(verdict, Buffer):
             request = verdict.request
-            deadline = request.deadline.timestamp() if request.deadline else float("inf")
+            if self._cancelled_on_arrival(request, band, done, received_at):
+                return
+            params, deadline = request.params, request.deadline
             self.policy.add(Pending(
                 request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
-                cost=len(verdict.prompt_ids) + request.params.max_tokens * request.params.n, deadline_ts=deadline,
+                cost=len(verdict.prompt_ids) + params.max_tokens * params.n,
+                deadline_ts=deadline.timestamp() if deadline else NEVER,
                 payload=Buffered(request, verdict.prompt_ids, tp, offset, done, received_at),
-                slots=request.params.n, source=tp, size=len(msg.value() or b""),
+                slots=params.n, source=tp, size=len(value or b""),
             ))
         elif isinstance(verdict, Answer):
             log.info("request_rejected", request_id=verdict.request_id, tenant=verdict.tenant_id,
@@ -322,7 +324,9 @@ class Worker:
         while (item := self.policy.next(now)) is not None:
             dequeued_at = dequeued_at or utc_now()
             self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
-            tasks = self.tasks_by_partition.setdefault(item.payload.tp, set())
+            tasks = self.tasks_by_partition.get(item.payload.tp)
+            if tasks is None:  # not setdefault: that would make a new empty set for every request
+                tasks = self.tasks_by_partition[item.payload.tp] = set()
             task = loop.create_task(self._serve(item, tasks, dequeued_at))
             tasks.add(task)
             self._unstarted[task] = (item, tasks)
@@ -414,14 +418,10 @@ class Worker:
             self._slot_freed(item, task, tasks)
 
     def _observe(self, band: Band, timing: Timing, completion_tokens: int) -> None:
-        label, tally = metrics.LABEL[band], self.tally
-        if timing.queue_ms is not None:
-            tally.observe(metrics.queue_seconds, timing.queue_ms / 1000, label)
-        if timing.ttft_ms is not None:
-            tally.observe(metrics.ttft_seconds, timing.ttft_ms / 1000, label)
-        if timing.e2e_ms is not None:
-            tally.observe(metrics.e2e_seconds, timing.e2e_ms / 1000, label)
-        tally.inc(metrics.tokens, label, amount=completion_tokens)
+        queue_ms, ttft_ms, e2e_ms = timing.queue_ms, timing.ttft_ms, timing.e2e_ms
+        self.tally.served(metrics.LABEL[band], None if queue_ms is None else queue_ms / 1000,
+                          None if ttft_ms is None else ttft_ms / 1000, None if e2e_ms is None else e2e_ms / 1000,
+                          completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
         def durable() -> None:
