@@ -44,7 +44,7 @@ from broker.groups import adopt_pool_group_offsets
 from broker.topics import PartitionKey
 from schemas.messages import Band
 from schemas.settings import Settings
-from worker.settings import DEFAULT_FETCH_WAIT_MS
+from worker.settings import DEFAULT_FETCH_WAIT_MS, DEFAULT_REBALANCE_STUCK_S
 
 log = structlog.get_logger("tierq.intake")
 
@@ -55,7 +55,7 @@ class RebalanceWatch:
 
     def __init__(self, band: Band, group: str, stuck_after_s: float):
         self.band, self.group, self.stuck_after_s = band, group, stuck_after_s
-        self.steady_at = time.monotonic()  # subscribing starts a join: count from there
+        self.steady_at = time.monotonic()  # Intake.subscribe sets it again: the join starts there
         self.stuck = False
 
     def observe(self, join_state: str, now: float) -> None:
@@ -153,7 +153,7 @@ class Intake:
         client_id: str | None = None,
         pool_group: str | None = None,
         fetch_wait_ms: Mapping[Band, int] | None = None,
-        rebalance_stuck_s: float = 60.0,
+        rebalance_stuck_s: float = DEFAULT_REBALANCE_STUCK_S,
     ):
         """``groups``: the consumer group of each band topic; ``pool_group``: the single group of
         earlier versions, whose committed offsets are adopted before joining (broker.groups)."""

@@ -17,6 +17,8 @@ from worker.simulated import SimParams
 
 #: a band consumer's fetch.wait.max.ms unless ``TIERQ_FETCH_WAIT_MS`` names the band
 DEFAULT_FETCH_WAIT_MS = 50
+#: seconds a band group may spend re-forming before the worker says so (TIERQ_REBALANCE_STUCK_S)
+DEFAULT_REBALANCE_STUCK_S = 60.0
 
 
 class SimulatedSettings(BaseModel):
@@ -73,7 +75,7 @@ class WorkerSettings(Settings):
     metrics_port: int | None = Field(default=None, description="Prometheus port; unset = no endpoint")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     rebalance_stuck_s: float = Field(
-        default=60.0, ge=1,
+        default=DEFAULT_REBALANCE_STUCK_S, ge=1,
         description="seconds a band group may spend re-forming (this worker's member not steady) before the "
                     "worker logs band_group_stuck: on Tansu 0.6.0 a group whose leader left while it re-formed "
                     "never re-forms (README, known problems)")
