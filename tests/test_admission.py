@@ -232,3 +232,91 @@ def test_a_request_wider_than_the_engine_starts_alone():
     assert huge.request_id == "huge" and policy.in_flight == 5
     policy.finished(huge)
     assert policy.in_flight == 0 and policy.in_flight_by_tenant["b"] == 0
+
+
+# ---- preemption for fair share ---------------------------------------------------------------
+
+def _fill(policy, tenant, n, band=L, t0=0.0):
+    """Admit ``n`` requests of ``tenant``; return them, oldest first."""
+    for i in range(n):
+        policy.add(item(f"{tenant}{i}", band, t=t0 + i, tenant=tenant))
+    return [policy.next(t0 + n) for _ in range(n)]
+
+
+def _preempt_until_fair(policy, running, now=100.0):
+    """What the worker does: take the victim's newest request of the band or lower, requeue it once
+    its task ended, start the waiting head. Returns the moves (victim, taken, started)."""
+    moves = []
+    while (choice := policy.preemption(now)) is not None:
+        victim = next(r for r in reversed(running) if r.tenant_id == choice.tenant and r.band.rank >= choice.band.rank)
+        started = policy.admit_preempting(choice)
+        running.remove(victim)
+        policy.requeue(victim)
+        policy.finished(victim)
+        running.append(started)
+        moves.append((victim.tenant_id, victim.request_id, started.request_id))
+        assert len(moves) <= policy.capacity, "preemption did not converge"
+    return moves
+
+
+def test_a_tenant_arriving_while_another_holds_every_slot_takes_its_share():
+    policy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=4)
+    running = _fill(policy, "acme", 4)
+    for i in range(4):
+        policy.add(item(f"more{i}", L, t=10 + i, tenant="acme"))
+    policy.add(item("g0", L, t=50, tenant="globex"))
+    policy.add(item("g1", L, t=51, tenant="globex"))
+    policy.add(item("g2", L, t=52, tenant="globex"))
+    assert policy.next(100) is None  # every slot taken: without preemption globex waits for completions
+    moves = _preempt_until_fair(policy, running)
+    # acme's newest running requests go, globex's oldest start; then both hold their share (2 of 4)
+    assert moves == [("acme", "acme3", "g0"), ("acme", "acme2", "g1")]
+    assert dict(policy.in_flight_by_tenant) == {"acme": 2, "globex": 2} and policy.in_flight == 4
+    # the taken requests wait again where they waited before: ahead of acme's younger ones
+    assert [w.request_id for w in policy.waiting if w.tenant_id == "acme"][:2] == ["acme2", "acme3"]
+
+
+def test_no_preemption_for_one_tenant_at_its_share_or_a_head_that_can_start():
+    policy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=4)
+    running = _fill(policy, "acme", 2) + _fill(policy, "globex", 2, t0=10)
+    policy.add(item("a9", L, t=20, tenant="acme"))
+    policy.add(item("g9", L, t=21, tenant="globex"))
+    assert policy.preemption(100) is None  # 2 and 2 of 4: both at their share
+    alone = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=2)
+    _fill(alone, "acme", 2)
+    alone.add(item("a9", L, t=20, tenant="acme"))
+    assert alone.preemption(100) is None  # one tenant: nobody to be fair to
+    roomy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=8)
+    _fill(roomy, "acme", 7)
+    roomy.add(item("g0", L, t=20, tenant="globex"))
+    assert roomy.preemption(100) is None  # globex's head fits: admission starts it
+    assert running and policy.in_flight == 4
+
+
+def test_preemption_respects_caps_and_bands():
+    capped = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=4, tenant_caps={"globex": 1})
+    running = _fill(capped, "acme", 3) + _fill(capped, "globex", 1, t0=10)
+    capped.add(item("g9", L, t=20, tenant="globex"))
+    assert capped.preemption(100) is None  # globex is at its own cap
+    assert len(running) == 4
+    banded = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=4)
+    _fill(banded, "acme", 4, band=H)
+    banded.add(item("g0", L, t=50, tenant="globex"))
+    choice = banded.preemption(100)
+    # the policy names the waiting head's band: the worker takes only a request of that band or a
+    # lower one, so a low request never takes a high request's slot (here: none to take)
+    assert choice is not None and choice.band is L and choice.tenant == "acme"
+
+
+def test_three_tenants_converge_without_trading_slots_back():
+    policy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=6)
+    running = _fill(policy, "acme", 6)
+    for i in range(6):
+        policy.add(item(f"acme-w{i}", L, t=10 + i, tenant="acme"))
+    for tenant in ("globex", "initech"):
+        for i in range(3):
+            policy.add(item(f"{tenant}{i}", L, t=20 + i, tenant=tenant))
+    moves = _preempt_until_fair(policy, running)
+    assert {v for v, _taken, _started in moves} == {"acme"} and len(moves) == 4
+    assert dict(policy.in_flight_by_tenant) == {"acme": 2, "globex": 2, "initech": 2}
+    assert policy.preemption(100) is None

@@ -6,6 +6,7 @@ import asyncio
 import statistics
 
 import pytest
+from structlog.testing import capture_logs
 
 from schemas.messages import Band
 from tests.worker_fixtures import ENGINE_SLOTS, Publisher, collect, custom_topology, publish, request
@@ -13,6 +14,8 @@ from tests.worker_fixtures import ENGINE_SLOTS, Publisher, collect, custom_topol
 pytestmark = [pytest.mark.integration, pytest.mark.engine]
 
 NO_AGING = {"medium": {"aging_step_s": None}, "low": {"aging_step_s": None}}
+NO_RESERVE_NO_AGING = {"high": {"reserved_slots": 0}, "medium": {"reserved_slots": 0, "aging_step_s": None},
+                       "low": {"reserved_slots": 0, "aging_step_s": None}}
 
 
 async def wait_for_first(settings, topology, tenant="acme", n=1):
@@ -200,3 +203,40 @@ async def test_a_flooding_tenant_does_not_delay_another_beyond_its_share(setting
     baseline = statistics.median(globex[rid].timing.queue_ms for rid in alone)
     contended = statistics.median(globex[rid].timing.queue_ms for rid in shared)
     print(f"globex median queue: alone {baseline:.1f} ms, with acme flooding {contended:.1f} ms")
+
+
+async def test_a_tenant_arriving_at_a_full_engine_starts_in_a_preempted_slot(settings, base_topology, start_worker):
+    """acme's backlog holds every engine slot; globex's requests start at once in the slots of
+    acme's newest running requests, which the engine aborts and which run again later: every
+    request answered once, the taken ones in full (status ok)."""
+    topology = custom_topology(base_topology, settings, bands=NO_RESERVE_NO_AGING)
+    worker = start_worker(topology, engine_queue=0)
+    flood = publish(settings, topology, [request("acme", "low", max_tokens=256) for _ in range(4 * ENGINE_SLOTS)])
+
+    def acme_holds_every_slot_with_more_waiting() -> bool:
+        return (worker.policy.in_flight_by_tenant["acme"] == ENGINE_SLOTS
+                and sum(1 for item in worker.policy.waiting if item.tenant_id == "acme") >= 1)
+
+    seen = []
+    while not acme_holds_every_slot_with_more_waiting():  # by state: acme has more than the engine holds
+        state = (worker.policy.in_flight_by_tenant["acme"], len(worker.policy.waiting), worker.served)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        assert worker.served < len(flood), f"acme never held every slot with more waiting: {seen}"
+        await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        small = publish(settings, topology, [request("globex", "low", max_tokens=8) for _ in range(2)])
+        globex = await collect(settings, topology, "globex", expect=len(small))
+        acme = await collect(settings, topology, "acme", expect=len(flood))
+    taken = [event for event in logs if event["event"] == "preempted"]
+    assert taken and worker.preemptions >= 1, "globex waited for acme's completions"
+    assert {event["tenant"] for event in taken} == {"acme"} and {event["for_tenant"] for event in taken} == {"globex"}
+    # a tenant alone on an engine of 4 slots beside one other: its share is 2, so at most 2 taken
+    assert len(taken) <= ENGINE_SLOTS // 2
+    assert sorted(r.request_id for r in acme) == sorted(flood) and all(r.status.value == "ok" for r in acme)
+    assert sorted(r.request_id for r in globex) == sorted(small) and all(r.status.value == "ok" for r in globex)
+    by_id = {r.request_id: r for r in acme}
+    for event in taken:  # the taken ones ran again, in full, after globex's started
+        rerun = by_id[event["request_id"]]
+        assert rerun.usage.completion_tokens > 0
+        assert rerun.timing.dequeued_at >= min(r.timing.dequeued_at for r in globex)

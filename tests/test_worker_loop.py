@@ -220,6 +220,8 @@ class GatedEngine:
 
     def __init__(self) -> None:
         self.started: list[str] = []
+        self.cancelled: list[str] = []  # generations ended by cancelling their task (the engine aborts them)
+        self.active: list[str] = []  # generations under way
         self.gates: dict[str, asyncio.Event] = {}
         self.progress: dict[str, Progress] = {}
 
@@ -234,7 +236,14 @@ class GatedEngine:
         self.started.append(request.request_id)
         self.progress[request.request_id] = progress or Progress()
         gate = self.gates.setdefault(request.request_id, asyncio.Event())
-        await gate.wait()
+        self.active.append(request.request_id)
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
+        finally:
+            self.active.remove(request.request_id)
         now = utc_now()
         return Completion("done", "length", len(prompt_ids), request.params.max_tokens, now, now)
 
@@ -246,7 +255,7 @@ class GatedEngine:
         self.gates.setdefault(request_id, asyncio.Event()).set()
 
     def running(self) -> list[str]:
-        return [rid for rid in self.started if not self.gates[rid].is_set()]
+        return list(self.active)
 
     def shutdown(self) -> None: ...
 
@@ -665,3 +674,51 @@ async def test_the_short_poll_stays_while_an_admitted_request_waits_for_a_delive
         guard.durable.set()
         await h.until(lambda: h.engine.started == [rid(low)])
         await h.until(lambda: h.worker.wait_s == FULL_POLL_S, "the long wait once it runs")
+
+
+async def test_a_tenant_arriving_at_a_full_worker_takes_its_share_and_nothing_is_lost(base):
+    """Preemption: acme holds every slot; globex's requests start at once in the newest acme
+    requests' slots, which run again later. Every request is answered once, every offset committed."""
+    async with Harness(topology(base), slots=4) as h:
+        flood = [request("low", "acme") for _ in range(6)]
+        offsets = [h.publish(Band.low, value) for value in flood]
+        await h.until(lambda: len(h.engine.running()) == 4, "acme fills the engine")
+        streamed = request("low", "acme", stream=True)  # never preempted: its client has chunks
+        small = [request("low", "globex") for _ in range(3)]
+        offsets += [h.publish(Band.low, streamed)] + [h.publish(Band.low, value) for value in small]
+        await h.until(lambda: sum(r in h.engine.active for r in map(rid, small)) == 2, "globex holds its share")
+        # acme's two newest running requests were taken back (the oldest two keep running); globex's
+        # third waits: 2 of 4 slots is its share of two tenants
+        assert sorted(h.engine.cancelled) == sorted(map(rid, flood[2:4]))
+        assert sorted(h.engine.running()) == sorted(map(rid, flood[:2] + small[:2]))
+        assert h.worker.policy.in_flight == 4 and not h.worker._preempted
+        with capture_logs() as logs:
+            for value in list(flood) + [streamed] + small:  # the rest run as slots free, the taken ones again
+                while rid(value) not in h.engine.started or rid(value) in h.engine.running():
+                    h.engine.finish(rid(value))
+                    await asyncio.sleep(0.01)
+                await h.until(lambda: h.reply_for(value) is not None, "answered")
+        assert not [e for e in logs if e["event"] == "preempted"], "no preemption once globex had its share"
+        answered = [r.request_id for r in h.writer.replies]
+        assert sorted(answered) == sorted(map(rid, flood + [streamed] + small)), "each answered exactly once"
+        assert all(r.status is Status.ok for r in h.writer.replies)
+        assert h.engine.started.count(rid(flood[3])) == 2 and rid(streamed) not in h.engine.cancelled
+        await h.until(lambda: h.intake.committed.get(("p.low", 0)) == max(offsets) + 1, "every offset committed")
+
+
+async def test_preemption_off_leaves_a_full_worker_alone(base):
+    async with Harness(topology(base), slots=2) as h:
+        h.worker.settings = h.worker.settings.model_copy(update={"preempt": False})
+        flood = [request("low", "acme") for _ in range(3)]
+        for value in flood:
+            h.publish(Band.low, value)
+        await h.until(lambda: len(h.engine.running()) == 2)
+        small = request("low", "globex")
+        h.publish(Band.low, small)
+        await h.until(lambda: h.worker.policy.waiting_by_band()[Band.low] == 2, "globex's request buffered")
+        for _ in range(5):  # loop turns with a full engine and globex waiting
+            h.worker._wake.set()
+            await asyncio.sleep(0.01)
+        assert not h.engine.cancelled and rid(small) not in h.engine.started
+        h.engine.finish(rid(flood[0]))
+        await h.until(lambda: rid(small) in h.engine.started, "globex starts in the freed slot (fair order)")

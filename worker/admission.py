@@ -15,6 +15,17 @@ Rules, in order:
    ``max(band virtual time, that tenant's last finish tag)`` and the smallest tag goes first;
    ties go to the older request. A tenant with 10x the backlog gets no more than its share.
 5. **Per-tenant in-flight cap** (``quotas.max_in_flight``): a tenant at its cap is skipped.
+6. **Preemption for fair share** (``preemption``): admission alone cannot help a tenant that
+   arrives while another holds every slot: it waits for completions, however fair the order
+   after them. When nothing may start, a waiting tenant below its fair share of the slots
+   (capacity over the tenants with work here) takes one from the tenant holding the most,
+   if that one is above its share: the waiting head starts at once (``admit_preempting``) and
+   the victim's request goes back to its queue (``requeue``) to run again later. Only a
+   request of the same or a lower band is taken, and a move never pushes the victim below its
+   share nor the waiting tenant above it, so no two tenants trade slots back and forth. Its
+   counterpart in rule 4: a freed slot goes to a tenant below its share before one at or above
+   it (fair queuing decides among each), so admission never hands out a slot that preemption
+   would take back.
 
 Waiting requests are kept in one queue per (topic band, tenant), oldest first. Within such a
 queue the oldest request always has the highest effective band (promotion times grow with
@@ -31,7 +42,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas.messages import BAND_ORDER, Band
 
@@ -63,6 +74,17 @@ class Pending:
     slots: int = 1  # engine slots it takes: a request for n outputs runs n sequences
     source: Any = None  # where it was read from (the worker: its partition), counted by ``waiting_by_source``
     size: int = 0  # bytes it was read as, summed in ``waiting_bytes``
+
+
+class Preemption(NamedTuple):
+    """``tenant`` gives up one admitted request of ``band`` or a lower band, ``slots`` wide or
+    wider, to the head of ``for_tenant``'s waiting ``queue`` (whose effective band is ``band``)."""
+
+    tenant: str
+    band: Band
+    slots: int
+    for_tenant: str
+    queue: tuple[Band, str]
 
 
 class AdmissionPolicy:
@@ -121,6 +143,16 @@ class AdmissionPolicy:
     def add(self, item: Pending) -> None:
         item.seq = next(self._seq)
         item.promote_at = self._promotion_times(item) if self.aging else ()
+        self._enqueue(item)
+
+    def requeue(self, item: Pending) -> None:
+        """Put back an admitted request that was preempted (``preemption``): it waits again where
+        it waited before (its age, arrival order and promotion times are kept). The caller frees
+        its slot with ``finished``, as for any admitted request."""
+        item.served_as = None
+        self._enqueue(item)
+
+    def _enqueue(self, item: Pending) -> None:
         key = (item.band, item.tenant_id)
         queue = self._queues.get(key)
         if queue is None:  # not setdefault: that would make a new empty list for every request
@@ -170,16 +202,21 @@ class AdmissionPolicy:
         if not self._queues or self.full():  # skip the scan
             return None
         best_queue: list[Pending] | None = None
-        best_key: tuple[int, float, float, int] | None = None
+        best_key: tuple[int, bool, float, float, int] | None = None
         best_band: Band | None = None
+        held = self.in_flight_by_tenant
+        share = self._share() if len(self._queues) > 1 else None  # one queue: nobody to compare with
         for (_band, tenant_id), queue in self._queues.items():
+            count = held[tenant_id]
             cap = self.tenant_caps.get(tenant_id)
-            if cap is not None and self.in_flight_by_tenant[tenant_id] >= cap:
+            if cap is not None and count >= cap:
                 continue
             head = queue[0]
             band = self.effective_band(head, now) if head.promote_at else head.band
             start = max(self._virtual_time[band], self._finish_tag[band].get(tenant_id, 0.0))
-            key = (band.rank, start, head.submitted_ts, head.seq)
+            # a tenant below its share of the slots goes before those at or above it (rule 6's
+            # counterpart: a freed slot is not handed to a tenant that would be preempted for it)
+            key = (band.rank, share is not None and count + 1 > share, start, head.submitted_ts, head.seq)
             if best_key is None or key < best_key:
                 best_queue, best_key, best_band = queue, key, band
         if best_queue is None:
@@ -187,17 +224,78 @@ class AdmissionPolicy:
         assert best_key is not None and best_band is not None
         if not self._fits(best_queue[0].slots, best_band):
             return None
-        best = best_queue.pop(0)
-        if not best_queue:
+        return self._take(best_queue, best_band, best_key[2])
+
+    def _share(self) -> float | None:
+        """Each tenant's fair share of the slots: capacity over the tenants with requests waiting
+        or in flight here; None while there is only one such tenant."""
+        tenants = {tenant for (_band, tenant) in self._queues}
+        tenants.update(tenant for tenant, count in self.in_flight_by_tenant.items() if count > 0)
+        return self.capacity / len(tenants) if len(tenants) > 1 else None
+
+    def _take(self, queue: list[Pending], band: Band, start: float) -> Pending:
+        """Admit ``queue``'s head as effective ``band`` with fair-share start tag ``start``."""
+        best = queue.pop(0)
+        if not queue:
             del self._queues[(best.band, best.tenant_id)]
         self._gone(best)
-        start = best_key[1]
-        self._virtual_time[best_band] = start
-        self._finish_tag[best_band][best.tenant_id] = start + best.cost
-        best.served_as = best_band
+        self._virtual_time[band] = start
+        self._finish_tag[band][best.tenant_id] = start + best.cost
+        best.served_as = band
         self.in_flight += best.slots
         self.in_flight_by_tenant[best.tenant_id] += 1
         return best
+
+    def preemption(self, now: float) -> Preemption | None:
+        """Whose slot a waiting tenant should take, when nothing may start now (call after ``next``
+        returned None); None when admission alone is fair enough.
+
+        The waiting tenant: the one holding the fewest requests, below its fair share
+        (``capacity`` over the tenants with requests waiting or in flight here) by at least one,
+        not at its cap, whose head could not start now for want of a slot. The victim: the tenant
+        holding the most, at least its share plus one. A move of one request from the victim to
+        the waiting tenant leaves the victim at or above its share and the waiting tenant at or
+        below it, so no two tenants ever trade slots back and forth. Which of the victim's
+        requests goes is the caller's choice (of ``Preemption.band`` or a lower band, at least
+        ``Preemption.slots`` wide); ``admit_preempting`` then starts the waiting head."""
+        if not self._queues or (share := self._share()) is None:
+            return None
+        held = self.in_flight_by_tenant
+        needy: tuple[int, int, float, int] | None = None
+        needy_key: tuple[Band, str] | None = None
+        needy_band: Band | None = None
+        for key, queue in self._queues.items():
+            tenant_id = key[1]
+            count = held.get(tenant_id, 0)
+            if count + 1 > share:
+                continue
+            cap = self.tenant_caps.get(tenant_id)
+            if cap is not None and count >= cap:
+                continue
+            head = queue[0]
+            band = self.effective_band(head, now) if head.promote_at else head.band
+            if self._fits(head.slots, band):
+                continue  # it can start as it is
+            rank = (count, band.rank, head.submitted_ts, head.seq)
+            if needy is None or rank < needy:
+                needy, needy_key, needy_band = rank, key, band
+        if needy_key is None or needy_band is None or needy is None:
+            return None
+        victim, most = None, 0
+        for tenant_id, count in held.items():
+            if tenant_id != needy_key[1] and count - 1 >= share and count > most:
+                victim, most = tenant_id, count
+        if victim is None:
+            return None
+        return Preemption(victim, needy_band, self._queues[needy_key][0].slots, needy_key[1], needy_key)
+
+    def admit_preempting(self, preemption: Preemption) -> Pending:
+        """Start the waiting head ``preemption`` was for, now: the caller has taken a request of
+        ``preemption.tenant`` (it frees its slot with ``finished`` once the engine let it go, so
+        for that short while one request more than ``capacity`` is in flight)."""
+        band = preemption.band
+        start = max(self._virtual_time[band], self._finish_tag[band].get(preemption.for_tenant, 0.0))
+        return self._take(self._queues[preemption.queue], band, start)
 
     def _fits(self, slots: int, band: Band) -> bool:
         """Room for ``slots`` more under ``band``'s limit; a request larger than the limit starts

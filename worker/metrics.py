@@ -17,6 +17,8 @@ waiting = Gauge("tierq_waiting_requests", "Requests buffered in the worker, by b
 paused = Gauge("tierq_paused_partitions", "source partitions paused because their buffer is full", ["band"])
 slots_in_use = Gauge("tierq_engine_slots_in_use", "Requests admitted to the engine and not finished")
 admitted = Counter("tierq_admitted_total", "Requests admitted to the engine", ["band", "served_as", "tenant"])
+preemptions = Counter("tierq_preemptions_total", "Admitted requests taken back for a tenant below its fair share "
+                      "(they run again later)", ["band", "tenant"])
 promotions = Counter("tierq_aging_promotions_total", "Requests admitted above their band by aging", ["band"])
 replies = Counter("tierq_replies_total", "Replies written, by band, status and tenant", ["band", "status", "tenant"])
 cancels = Counter("tierq_cancels_total", "Cancel records by outcome: queued, running, on_arrival (answered), "

@@ -32,7 +32,7 @@ from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
-from worker.admission import NEVER, AdmissionPolicy, Pending, band_rules
+from worker.admission import NEVER, AdmissionPolicy, Pending, Preemption, band_rules
 from worker.attempts import AttemptsLedger
 from worker.control import CancelBook, ControlReader
 from worker.engine import EngineAdapter, EngineDead, EngineRequestError, Progress, RequestRejected
@@ -111,6 +111,10 @@ class Worker:
         self.cancels = CancelBook(settings.cancel_memory_s, settings.cancel_memory_limit)
         self.running: dict[str, tuple[asyncio.Task[None], Pending]] = {}  # by request_id
         self._cancelled_by_tenant: set[str] = set()  # running requests whose task a cancel record ended
+        #: admitted requests taken back for a tenant below its fair share (``_preempt``) whose task
+        #: has not ended yet: once it has, the request waits again (``_requeue_preempted``)
+        self._preempted: set[str] = set()
+        self.preemptions = 0  # requests taken back so far (a plain counter for tests and benches)
         # loop turns, those the timer woke (not an event), and those that admitted something:
         # plain counters read by bench.overhead (nothing allocated per turn)
         self.turns = self.timer_turns = self.admit_turns = 0
@@ -231,6 +235,8 @@ class Worker:
         now = time.time()
         self._expire(now)
         self._admit(now)
+        if self.settings.preempt and not self._preempted:  # one at a time: counts are exact again once it ended
+            self._preempt(now)
         if messages or self.intake.paused:  # buffers only grow on intake, only shrink to resume
             self.intake.apply_backpressure(self.policy.waiting_by_source(), self.policy.waiting_bytes,
                                            self.read_ahead)
@@ -319,24 +325,72 @@ class Worker:
     # ---- admission and serving -------------------------------------------------------
 
     def _admit(self, now: float) -> None:
-        loop = asyncio.get_running_loop()
         dequeued_at: datetime | None = None  # one time for every request this turn admits
         while (item := self.policy.next(now)) is not None:
             dequeued_at = dequeued_at or utc_now()
-            self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
-            tasks = self.tasks_by_partition.get(item.payload.tp)
-            if tasks is None:  # not setdefault: that would make a new empty set for every request
-                tasks = self.tasks_by_partition[item.payload.tp] = set()
-            task = loop.create_task(self._serve(item, tasks, dequeued_at))
-            tasks.add(task)
-            self._unstarted[task] = (item, tasks)
-            self.running[item.request_id] = (task, item)
-            served_as = item.served_as or item.band
-            self.tally.inc(metrics.admitted, metrics.LABEL[item.band], metrics.LABEL[served_as], item.tenant_id)
-            if served_as is not item.band:
-                self.tally.inc(metrics.promotions, metrics.LABEL[item.band])
+            self._start(item, dequeued_at)
         if dequeued_at is not None:
             self.admit_turns += 1
+
+    def _start(self, item: Pending, dequeued_at: datetime) -> None:
+        """Run an admitted request in a task of its own (``_serve``)."""
+        self._starting.add(item.request_id)  # until its task is past the poison guard (``_serve``)
+        tasks = self.tasks_by_partition.get(item.payload.tp)
+        if tasks is None:  # not setdefault: that would make a new empty set for every request
+            tasks = self.tasks_by_partition[item.payload.tp] = set()
+        task = asyncio.get_running_loop().create_task(self._serve(item, tasks, dequeued_at))
+        tasks.add(task)
+        self._unstarted[task] = (item, tasks)
+        self.running[item.request_id] = (task, item)
+        served_as = item.served_as or item.band
+        self.tally.inc(metrics.admitted, metrics.LABEL[item.band], metrics.LABEL[served_as], item.tenant_id)
+        if served_as is not item.band:
+            self.tally.inc(metrics.promotions, metrics.LABEL[item.band])
+
+    def _preempt(self, now: float) -> None:
+        """Give a tenant below its fair share a slot of the tenant holding the most (the policy's
+        ``preemption``): the victim's newest admitted request that may be taken back ends (the
+        engine aborts it) and waits again; the waiting head starts now."""
+        choice = self.policy.preemption(now)
+        if choice is None:
+            return
+        victim = self._victim(choice)
+        if victim is None:
+            return
+        task, item = victim
+        self._preempted.add(item.request_id)
+        self.preemptions += 1
+        self._cancel(task)
+        self.tally.inc(metrics.preemptions, metrics.LABEL[item.band], item.tenant_id)
+        taken = self.policy.admit_preempting(choice)
+        log.info("preempted", request_id=item.request_id, tenant=item.tenant_id, band=item.band.value,
+                 for_request=taken.request_id, for_tenant=taken.tenant_id,
+                 in_flight={t: n for t, n in self.policy.in_flight_by_tenant.items() if n})
+        self._start(taken, utc_now())
+
+    def _victim(self, choice: Preemption) -> tuple[asyncio.Task[None], Pending] | None:
+        """The newest admitted request of ``choice.tenant`` that may be taken back: of
+        ``choice.band`` or a lower one, at least as wide as the waiting head, not streaming (its
+        client has chunks already), not cancelled, and no suspect of the poison guard (running it
+        again would count one more attempt)."""
+        for task, item in reversed(self.running.values()):
+            if item.tenant_id != choice.tenant or task.done() or item.slots < choice.slots:
+                continue
+            if (item.served_as or item.band).rank < choice.band.rank:
+                continue
+            buffered: Buffered = item.payload
+            if buffered.request.stream or item.request_id in self._cancelled_by_tenant:
+                continue
+            if self.guard.prior_attempts(item.request_id, buffered.tp, buffered.offset):
+                continue
+            return task, item
+        return None
+
+    def _requeue_preempted(self, item: Pending) -> None:
+        """A preempted request's task has ended unanswered: it waits again, as before it started."""
+        if item.request_id in self._preempted:
+            self._preempted.discard(item.request_id)
+            self.policy.requeue(item)
 
     def _cancel(self, task: asyncio.Task[None]) -> None:
         """Cancel a request's task. One cancelled before its first step never runs ``_serve`` (nor
@@ -361,6 +415,9 @@ class Worker:
                 buffered: Buffered = item.payload
                 self._send(self.replies.cancelled(buffered.request, item.band, None, received_at=buffered.received_at),
                            item.band, buffered.done)
+            elif task.cancelled():  # preempted before its first step (``_serve`` requeues the others)
+                self._requeue_preempted(item)
+            self._preempted.discard(item.request_id)  # answered after all (it finished first): nothing to requeue
         self.policy.finished(item)
         self._wake.set()
 
@@ -389,7 +446,9 @@ class Worker:
                                                         progress=progress)
             except asyncio.CancelledError:
                 if request.request_id not in self._cancelled_by_tenant:
-                    raise  # a rebalance or shutdown: unanswered, the request goes back to Kafka
+                    # preempted: it waits again here; a rebalance or shutdown: unanswered, it goes back to Kafka
+                    self._requeue_preempted(item)
+                    raise
                 self._cancelled_by_tenant.discard(request.request_id)
                 if stream is not None:
                     stream.finish()
@@ -533,6 +592,8 @@ class Worker:
         if not partitions:
             return
         revoked = set(partitions)
+        # a preempted request of a revoked partition is not put back when its task ends: it goes back to Kafka
+        self._preempted -= {rid for rid in self._preempted if self.running[rid][1].payload.tp in revoked}
         for tp in partitions:
             for task in self.tasks_by_partition.pop(tp, set()):
                 self._cancel(task)

@@ -93,6 +93,10 @@ class WorkerSettings(Settings):
             raise ValueError("fetch_wait_ms: each band's wait must be 1..60000 ms")
         return {band: value.get(band, DEFAULT_FETCH_WAIT_MS) for band in Band}
     aging: bool = Field(default=True, description="promote waiting requests by aging (false: strict priority only)")
+    preempt: bool = Field(default=True, description=(
+        "a tenant below its fair share of the slots may take one from a tenant above it: the taken "
+        "request (never a streaming one) goes back to its queue and runs again later, its work so far "
+        "lost (false: a tenant waits for completions however many slots another holds)"))
     cancel_memory_s: float = Field(default=300.0, gt=0, description=(
         "how long a cancel for a request this worker does not hold is kept (it may arrive later), "
         "and how far back the control topic is read at start"))
