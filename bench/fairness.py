@@ -32,6 +32,7 @@ async def main_async(args) -> None:
         "share_while_both_backlogged": {
             "acme": round(big_during / (big_during + small_n), 3), "globex": round(small_n / (big_during + small_n), 3)},
         "globex_alone": summary(baseline), "globex_with_acme": summary(small_replies), "acme": summary(big_replies),
+        "preemptions": both.worker.preemptions,  # acme requests taken back for globex (TIERQ_PREEMPT)
     }
     result["globex_queue_ratio_vs_alone"] = {
         "p50": ratio(result["globex_with_acme"]["queue_ms_p50"], result["globex_alone"]["queue_ms_p50"]),

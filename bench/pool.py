@@ -27,6 +27,7 @@ reply's first and last token times, which is exact at window edges where request
     .venv/bin/python -m bench.pool --quick        # ~6 minutes on the 2-core machine (9 pools to start)
     .venv/bin/python -m bench.pool                # ~10 minutes
     .venv/bin/python -m bench.pool --quick --key-hash --tag cpu-keyhash   # Kafka's key hash, to compare
+    .venv/bin/python -m bench.pool --quick --only fairness --no-preempt --tag cpu-nopreempt   # workers without preemption
     .venv/bin/python -m bench.pool --only scale,mix --full
 """
 
@@ -126,6 +127,8 @@ class Run:
         pool = Pool(self.bench, name, kwargs.pop("shape", self.shape), **kwargs)
         if self.args.key_hash:
             pool.producer_options = {"routing": False}
+        if self.args.no_preempt:
+            pool.worker_env["TIERQ_PREEMPT"] = "false"
         self.pools.append(pool)
         return pool
 
@@ -153,6 +156,7 @@ def base_result(run: Run, name: str) -> dict[str, Any]:
         "mode": "quick" if run.args.quick else ("full" if run.args.full else "default"),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_head(),
         "routing": "kafka key hash (Producer routing=False)" if run.args.key_hash else "Producer default",
+        "preemption": not run.args.no_preempt,
         "machine": run.bench.machine, "loadavg_at_scenario_start": [round(x, 2) for x in os.getloadavg()],
         "engine": {"kind": "simulated", "speed": run.shape.speed, "max_num_seqs": run.shape.slots,
                    "engine_queue": run.shape.engine_queue, "mean_max_tokens": run.mean_tokens,
@@ -944,6 +948,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="mean max_tokens per request (0.5x-1.5x)")
     parser.add_argument("--key-hash", action="store_true",
                         help="publish with Kafka's key hash (Producer(routing=False)) instead of the Producer's routing")
+    parser.add_argument("--no-preempt", action="store_true",
+                        help="workers without preemption for fair share (TIERQ_PREEMPT=false), to compare")
     parser.add_argument("--workers", help="pool sizes of the scale scenario (default 1,2,4; 1,2,4,8 with --full)")
     parser.add_argument("--fairness-burst", type=float,
                         help="globex's burst in the fairness scenario, in pool in-flight capacities (default 2; "

@@ -298,6 +298,7 @@ class Pool:
         self.bench = bench
         self.name = name
         self.shape = shape
+        self.worker_env: dict[str, str] = {}  # extra TIERQ_* settings for its workers (e.g. TIERQ_PREEMPT)
         self.prefix = f"pool{uuid.uuid4().hex[:8]}"
         # a pool name of its own: its consumer group (tierq-<pool>) is new too, so no state a previous
         # pool left in the broker's group coordinator can hold this one up, and a producer that reads
@@ -340,6 +341,7 @@ class Pool:
             "TIERQ_SESSION_TIMEOUT_MS": "6000",
             "TIERQ_ENGINE": "simulated",
             "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+            **self.worker_env,
         })
         return env
 

@@ -320,3 +320,49 @@ def test_three_tenants_converge_without_trading_slots_back():
     assert {v for v, _taken, _started in moves} == {"acme"} and len(moves) == 4
     assert dict(policy.in_flight_by_tenant) == {"acme": 2, "globex": 2, "initech": 2}
     assert policy.preemption(100) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(BAND_ORDER), st.floats(0, 20), st.sampled_from(["a", "b", "c"]),
+                          st.integers(1, 3)), min_size=1, max_size=30),
+       st.integers(2, 6), st.randoms(use_true_random=False))
+def test_property_preemption_keeps_the_books_and_serves_everything(items, capacity, rng):
+    """Requests arrive over time, finish at random, and the worker preempts whenever the policy
+    says so: every request is finally served once, in-flight counts always match what runs, no
+    request runs twice at once, a band never loses a slot to a lower band, and preemption stops
+    (each round ends with the policy content, not taking slots back and forth)."""
+    policy = AdmissionPolicy(rules(reserved=(0, 0, 0)), capacity=capacity, aging=False)
+    arrivals = sorted(enumerate(items), key=lambda e: e[1][1])
+    running: list[Pending] = []
+    served: list[str] = []
+    now = 0.0
+    while arrivals or policy.waiting or running:
+        while arrivals and arrivals[0][1][1] <= now:
+            i, (band, t, tenant, slots) = arrivals.pop(0)
+            policy.add(Pending(str(i), tenant, band, submitted_ts=t, slots=slots))
+        while (nxt := policy.next(now)) is not None:
+            assert nxt not in running
+            running.append(nxt)
+        moves = 0
+        while (choice := policy.preemption(now)) is not None:
+            victims = [r for r in running if r.tenant_id == choice.tenant and r.band.rank >= choice.band.rank
+                       and r.slots >= choice.slots]
+            if not victims:
+                break
+            victim = victims[-1]
+            started = policy.admit_preempting(choice)
+            assert started.tenant_id == choice.for_tenant and started.band.rank <= victim.band.rank
+            running.remove(victim)
+            policy.requeue(victim)
+            policy.finished(victim)
+            running.append(started)
+            moves += 1
+            assert moves <= capacity * len(items), "preemption never settles"
+        assert policy.in_flight == sum(r.slots for r in running)
+        assert all(policy.in_flight_by_tenant[t] == sum(1 for r in running if r.tenant_id == t) for t in "abc")
+        now += 1.0
+        for done in [r for r in running if rng.random() < 0.5]:
+            running.remove(done)
+            policy.finished(done)
+            served.append(done.request_id)
+    assert sorted(served, key=int) == [str(i) for i in range(len(items))]
