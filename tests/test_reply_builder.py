@@ -8,7 +8,7 @@ from datetime import timedelta
 import jsonschema
 import orjson
 
-from schemas.codec import encode
+from schemas.codec import encode, encode_reply
 from schemas.export import json_schemas
 from schemas.messages import Band, ErrorCode, Reply, Request, Status, utc_now
 from worker.engine import Completion
@@ -20,6 +20,7 @@ REPLY_SCHEMA = json_schemas()["tierq.reply.v1.schema.json"]
 def roundtrip(reply: Reply) -> Reply:
     raw = encode(reply)
     assert raw == orjson.dumps(reply.model_dump(mode="python", by_alias=True), option=orjson.OPT_UTC_Z)
+    assert encode_reply(reply) == raw  # what ReplyWriter writes
     jsonschema.validate(orjson.loads(raw), REPLY_SCHEMA)
     return Reply.model_validate_json(raw)  # full validation, including "error exactly when not ok"
 
@@ -128,7 +129,38 @@ def test_milliseconds_are_those_of_rounding_the_seconds():
     from worker.reply_builder import _MS
 
     rng = random.Random(13)
-    deltas = [timedelta(microseconds=rng.randrange(-10**scale, 10**scale)) for scale in range(1, 16) for _ in range(2000)]
-    deltas += [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=-1), timedelta(days=3650, microseconds=999_999)]
+    deltas = [timedelta(microseconds=rng.randrange(-10**scale, 10**scale))
+              for scale in range(1, 16) for _ in range(2000)]
+    deltas += [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=-1),
+               timedelta(days=3650, microseconds=999_999)]
     for delta in deltas:
         assert delta / _MS == round(delta.total_seconds() * 1000, 3), delta
+
+
+def test_encode_reply_writes_what_encode_writes():
+    """``encode_reply`` reads the document off the models' ``__dict__``s instead of the serializer:
+    the same bytes for every kind of reply, built or validated, whatever its metadata and offsets."""
+    from datetime import timezone
+
+    from worker.engine import Progress
+
+    builder, now = ReplyBuilder("host/gpu0"), utc_now()
+    req = request()
+    india = timezone(timedelta(hours=5, minutes=30))
+    offset = Request.model_validate({**req.model_dump(by_alias=True), "request_id": "b" * 32,
+                                     "submitted_at": (now - timedelta(seconds=2)).astimezone(india), "deadline": None,
+                                     "metadata": {"nested": {"list": [1, 2.5, None, True, "x"]}, "unicode": "é\u2028"}})
+    progress = Progress()
+    progress.add("hel", 2)
+    completion = Completion("hello", None, 3, 2, None, now, simulated=False)
+    replies = [
+        builder.served(offset, Band.high, Band.high, completion, attempt=1, received_at=now, dequeued_at=now),
+        builder.cancelled(req, Band.low, Band.low, prompt_tokens=4, progress=progress, received_at=now,
+                          dequeued_at=now),
+        builder.cancelled(offset, Band.low, None, received_at=now),
+        builder.refused("c" * 32, "acme", {"k": [1]}, Band.medium, ErrorCode.forbidden_priority, "no", now),
+    ]
+    replies += [Reply.model_validate_json(encode(reply)) for reply in replies]  # validated, not constructed
+    replies.append(replies[0].model_copy(update={"text": "other"}))
+    for reply in replies:
+        assert encode_reply(reply) == encode(reply)
