@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from schemas.messages import REPLY_SCHEMA, Band, ErrorCode, ErrorInfo, Reply, Request, Status, Timing, Usage, utc_now
+from schemas.messages import (REPLY_SCHEMA, Band, ErrorCode, ErrorInfo, Reply, Request, Status, Timing, Usage, elapsed,
+                              utc_now)
 from worker.engine import Completion, Progress
 
 
@@ -101,8 +102,9 @@ class ReplyBuilder:
         submitted_at, first_token_at, finished_at = request.submitted_at, completion.first_token_at, \
             completion.finished_at
         # the request's time carries pydantic's tzinfo and ours datetime's: subtracting across the two
-        # calls both utcoffset()s, so once; e2e adds the queue time to ours (timedeltas add exactly)
-        queue = dequeued_at - submitted_at
+        # calls pydantic's utcoffset() (``elapsed`` does not), so once; e2e adds the queue time to ours
+        # (timedeltas add exactly)
+        queue = elapsed(submitted_at, dequeued_at)
         timing = _instance(Timing, {
             "submitted_at": submitted_at, "received_at": received_at, "dequeued_at": dequeued_at,
             "first_token_at": first_token_at, "finished_at": finished_at, "queue_ms": queue / _MS,

@@ -28,7 +28,7 @@ import structlog
 
 from broker.groups import GroupAdoptionError
 from broker.topics import PartitionKey
-from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request, Timing, utc_now
+from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request, Timing, timestamp, utc_now
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
@@ -288,9 +288,9 @@ class Worker:
                 return
             params, deadline = request.params, request.deadline
             self.policy.add(Pending(
-                request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
+                request.request_id, request.tenant_id, band, submitted_ts=timestamp(request.submitted_at),
                 cost=len(verdict.prompt_ids) + params.max_tokens * params.n,
-                deadline_ts=deadline.timestamp() if deadline else NEVER,
+                deadline_ts=timestamp(deadline) if deadline else NEVER,
                 payload=Buffered(request, verdict.prompt_ids, tp, offset, done, received_at),
                 slots=params.n, source=tp, size=len(value or b""),
             ))
