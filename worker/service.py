@@ -18,6 +18,7 @@ in the delivery callback of its reply or DLQ record. The Kafka clients are passe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -303,8 +304,9 @@ class Worker:
             self._dead_letter(msg, verdict, done)
 
     def _offset_done_callback(self, tp: PartitionKey, offset: int) -> Callable[[], None]:
-        """Called once the record's reply or dead letter is durable: the offset may be committed."""
-        return lambda: self.tracker.done(tp, offset)
+        """Called once the record's reply or dead letter is durable: the offset may be committed.
+        A partial, not a lambda: calling it runs no Python frame of its own (one per request)."""
+        return functools.partial(self.tracker.done, tp, offset)
 
     def _dead_letter(self, msg: confluent_kafka.Message, verdict: DeadLetter, done: Callable[[], None]) -> None:
         source = (msg.topic(), msg.partition(), msg.offset())
@@ -430,7 +432,10 @@ class Worker:
 
         self.served += 1
         self.tally.inc(metrics.replies, metrics.LABEL[band], metrics.LABEL[reply.status], reply.tenant_id)
-        self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=durable)
+        # the guard has nothing to do once the reply of an attempt it did not count is durable
+        # (``PoisonGuard.answered``): then ``done`` alone, without a closure and two calls a request
+        self.writer.reply(self._reply_topic(reply.tenant_id), reply,
+                          on_durable=durable if attempt is not None and attempt.counted else done)
 
     def _reply_topic(self, tenant_id: str) -> str:
         """The tenant's reply topic, formatted once per tenant (per topology: a reload replaces it)."""
