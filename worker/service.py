@@ -282,7 +282,7 @@ class Worker:
         self.tracker.received(tp, offset)
         band = self.intake.topic_band[topic]
         done = self._offset_done_callback(tp, offset)
-        verdict = self.triage.classify(value, band, lambda rid: self.guard.prior_attempts(rid, tp, offset))
+        verdict = self.triage.classify(value, band, self.guard.prior_attempts, tp, offset)
         if isinstance(verdict, Buffer):
             request = verdict.request
             if self._cancelled_on_arrival(request, band, done, received_at):
