@@ -426,16 +426,18 @@ class Worker:
                           completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
-        def durable() -> None:
-            done()
-            self.guard.answered(reply.request_id, attempt)
-
         self.served += 1
         self.tally.inc(metrics.replies, metrics.LABEL[band], metrics.LABEL[reply.status], reply.tenant_id)
         # the guard has nothing to do once the reply of an attempt it did not count is durable
         # (``PoisonGuard.answered``): then ``done`` alone, without a closure and two calls a request
-        self.writer.reply(self._reply_topic(reply.tenant_id), reply,
-                          on_durable=durable if attempt is not None and attempt.counted else done)
+        on_durable = done
+        if attempt is not None and attempt.counted:
+            def durable() -> None:
+                done()
+                self.guard.answered(reply.request_id, attempt)
+
+            on_durable = durable
+        self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=on_durable)
 
     def _reply_topic(self, tenant_id: str) -> str:
         """The tenant's reply topic, formatted once per tenant (per topology: a reload replaces it)."""
