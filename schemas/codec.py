@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.messages import CHUNK_SCHEMA, REQUEST_SCHEMA, Cancel, Chunk, ErrorCode, Reply, Request
+from schemas.messages import (CHUNK_SCHEMA, REQUEST_SCHEMA, Cancel, Chunk, ErrorCode, ErrorInfo, Reply, Request, Timing,
+                              Usage)
 
 _DUMP_OPTS = orjson.OPT_UTC_Z
 
@@ -117,6 +118,28 @@ def encode(message: BaseModel) -> bytes:
     by_alias=True)`` is this serializer call behind a Python wrapper (~1 us; a reply is encoded per
     request)."""
     return orjson.dumps(message.__pydantic_serializer__.to_python(message, by_alias=True), option=_DUMP_OPTS)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """``encode(reply)``, the same bytes (tests/test_reply_builder.py), for ~60% of its instructions
+    (cachegrind: 25k against 40k a served reply, most of them orjson's): a worker encodes one per
+    request. The document the model's serializer would make is read off the instances' ``__dict__``s
+    (every field, in order, values as ``to_python`` returns them in Python mode: datetimes, enums and
+    metadata unchanged, for orjson to write). Replies with ``choices`` (nested models all the way
+    down) and instances of subclasses go through ``encode``."""
+    fields = reply.__dict__
+    usage, timing, error = fields["usage"], fields["timing"], fields["error"]
+    if (fields["choices"] is not None or type(reply) is not Reply or type(usage) is not Usage
+            or type(timing) is not Timing or (error is not None and type(error) is not ErrorInfo)):
+        return encode(reply)
+    return orjson.dumps({
+        "schema": fields["schema_"], "request_id": fields["request_id"], "tenant_id": fields["tenant_id"],
+        "status": fields["status"], "text": fields["text"], "finish_reason": fields["finish_reason"],
+        "usage": usage.__dict__, "error": None if error is None else error.__dict__,
+        "priority": fields["priority"], "served_as": fields["served_as"], "worker": fields["worker"],
+        "attempt": fields["attempt"], "timing": timing.__dict__, "metadata": fields["metadata"],
+        "simulated": fields["simulated"],
+    }, option=_DUMP_OPTS)
 
 
 def dumps(document: Any) -> bytes:

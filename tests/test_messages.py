@@ -92,3 +92,21 @@ def test_reply_requires_error_exactly_when_not_ok():
 
 def test_band_rank_is_vllm_priority_order():
     assert [b.rank for b in (Band.high, Band.medium, Band.low)] == [0, 1, 2]
+
+
+def test_timestamp_and_elapsed_are_the_plain_forms():
+    """``timestamp`` and ``elapsed`` skip pydantic's utcoffset() for validated UTC times: the same
+    floats and timedeltas as ``.timestamp()`` and ``-``, for every offset and tzinfo kind."""
+    from schemas.messages import _PYDANTIC_UTC, Request, elapsed, timestamp, utc_now
+
+    now = utc_now()
+    texts = ["2026-11-30T11:00:00.123456Z", "2026-11-30T11:00:00+00:00", "1969-12-31T23:59:59.999999Z",
+             "2026-11-30T16:30:00.5+05:30", "2026-11-30T06:00:00-05:00"]
+    times = [Request.model_validate({"request_id": "a" * 32, "tenant_id": "acme", "priority": "low", "prompt": "x",
+                                     "submitted_at": text}).submitted_at for text in texts]
+    assert times[0].tzinfo is _PYDANTIC_UTC and times[1].tzinfo is _PYDANTIC_UTC  # the fast way is taken
+    times += [now, now.astimezone(timezone(timedelta(hours=-3))), datetime(2030, 1, 1, tzinfo=timezone.utc)]
+    for moment in times:
+        assert timestamp(moment) == moment.timestamp()
+        for later in (now, now + timedelta(days=400, microseconds=7), times[3]):
+            assert elapsed(moment, later) == later - moment

@@ -8,7 +8,7 @@ from datetime import timedelta
 import jsonschema
 import orjson
 
-from schemas.codec import encode
+from schemas.codec import encode, encode_reply
 from schemas.export import json_schemas
 from schemas.messages import Band, ErrorCode, Reply, Request, Status, utc_now
 from worker.engine import Completion
@@ -20,6 +20,7 @@ REPLY_SCHEMA = json_schemas()["tierq.reply.v1.schema.json"]
 def roundtrip(reply: Reply) -> Reply:
     raw = encode(reply)
     assert raw == orjson.dumps(reply.model_dump(mode="python", by_alias=True), option=orjson.OPT_UTC_Z)
+    assert encode_reply(reply) == raw  # what ReplyWriter writes
     jsonschema.validate(orjson.loads(raw), REPLY_SCHEMA)
     return Reply.model_validate_json(raw)  # full validation, including "error exactly when not ok"
 
@@ -87,3 +88,79 @@ def test_served_timings_are_the_plain_differences():
     assert (timing.queue_ms, timing.ttft_ms, timing.e2e_ms) == (ms(req.submitted_at, dequeued), ms(dequeued, first),
                                                                 ms(req.submitted_at, finished))
     assert timing.e2e_ms > 3000
+
+
+def test_served_makes_what_construct_makes():
+    """``served`` builds its three models without ``construct``'s generic steps: the same instances
+    (fields in order, fields set, no extra or private), with and without a first token and choices."""
+    from schemas.messages import Choice, Timing, Usage
+    from worker.reply_builder import construct
+
+    req, now = request(), utc_now()
+    ms = lambda a, b: None if a is None or b is None else round((b - a).total_seconds() * 1000, 3)  # noqa: E731
+    choices = (Choice(index=0, text="a", finish_reason="stop", completion_tokens=1),
+               Choice(index=1, text="b", finish_reason="length", completion_tokens=2))
+    for first, picks in ((now + timedelta(seconds=1), ()), (None, ()), (now, choices)):
+        finished = now + timedelta(seconds=3, microseconds=5)
+        completion = Completion("hello", "stop", 3, 2, first, finished, simulated=True, choices=picks)
+        ours = ReplyBuilder("host/gpu0").served(req, Band.low, Band.medium, completion, attempt=2,
+                                                received_at=now, dequeued_at=now)
+        timing = construct(Timing, submitted_at=req.submitted_at, received_at=now, dequeued_at=now,
+                           first_token_at=first, finished_at=finished, queue_ms=ms(req.submitted_at, now),
+                           ttft_ms=ms(now, first), e2e_ms=ms(req.submitted_at, finished))
+        theirs = construct(Reply, request_id=req.request_id, tenant_id=req.tenant_id, status=Status.ok,
+                           priority=Band.low, worker="host/gpu0", metadata=req.metadata, text="hello",
+                           finish_reason="stop", served_as=Band.medium,
+                           usage=construct(Usage, prompt_tokens=3, completion_tokens=2), attempt=2, timing=timing,
+                           simulated=True, choices=list(picks) or None)
+        for a, b in ((ours, theirs), (ours.timing, theirs.timing), (ours.usage, theirs.usage)):
+            assert type(a) is type(b) and list(a.__dict__) == list(b.__dict__) and a.__dict__ == b.__dict__
+            assert a.model_fields_set == b.model_fields_set and a.model_fields_set is not b.model_fields_set
+            assert a.__pydantic_extra__ is None and a.__pydantic_private__ is None
+        assert ours == theirs and encode(ours) == encode(theirs)
+        roundtrip(ours)
+
+
+def test_milliseconds_are_those_of_rounding_the_seconds():
+    """``served`` divides timedeltas by a millisecond instead of rounding ``total_seconds() * 1000``
+    to three places: the same floats, for durations from microseconds to years, either sign."""
+    import random
+
+    from worker.reply_builder import _MS
+
+    rng = random.Random(13)
+    deltas = [timedelta(microseconds=rng.randrange(-10**scale, 10**scale))
+              for scale in range(1, 16) for _ in range(2000)]
+    deltas += [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=-1),
+               timedelta(days=3650, microseconds=999_999)]
+    for delta in deltas:
+        assert delta / _MS == round(delta.total_seconds() * 1000, 3), delta
+
+
+def test_encode_reply_writes_what_encode_writes():
+    """``encode_reply`` reads the document off the models' ``__dict__``s instead of the serializer:
+    the same bytes for every kind of reply, built or validated, whatever its metadata and offsets."""
+    from datetime import timezone
+
+    from worker.engine import Progress
+
+    builder, now = ReplyBuilder("host/gpu0"), utc_now()
+    req = request()
+    india = timezone(timedelta(hours=5, minutes=30))
+    offset = Request.model_validate({**req.model_dump(by_alias=True), "request_id": "b" * 32,
+                                     "submitted_at": (now - timedelta(seconds=2)).astimezone(india), "deadline": None,
+                                     "metadata": {"nested": {"list": [1, 2.5, None, True, "x"]}, "unicode": "é\u2028"}})
+    progress = Progress()
+    progress.add("hel", 2)
+    completion = Completion("hello", None, 3, 2, None, now, simulated=False)
+    replies = [
+        builder.served(offset, Band.high, Band.high, completion, attempt=1, received_at=now, dequeued_at=now),
+        builder.cancelled(req, Band.low, Band.low, prompt_tokens=4, progress=progress, received_at=now,
+                          dequeued_at=now),
+        builder.cancelled(offset, Band.low, None, received_at=now),
+        builder.refused("c" * 32, "acme", {"k": [1]}, Band.medium, ErrorCode.forbidden_priority, "no", now),
+    ]
+    replies += [Reply.model_validate_json(encode(reply)) for reply in replies]  # validated, not constructed
+    replies.append(replies[0].model_copy(update={"text": "other"}))
+    for reply in replies:
+        assert encode_reply(reply) == encode(reply)

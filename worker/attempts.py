@@ -158,8 +158,9 @@ class AttemptsLedger:
         return offset <= self.suspect_to.get(tp, NOTHING_HELD)
 
     def is_suspect(self, request_id: str, tp: PartitionKey, offset: int) -> bool:
-        """Whether this request is counted by request_id (a suspect) rather than covered by a marker."""
-        return request_id in self.counts or self._inherited(tp, offset)
+        """Whether this request is counted by request_id (a suspect) rather than covered by a marker.
+        (``_inherited`` written out here and in ``prior_attempts``: both are asked for every request.)"""
+        return request_id in self.counts or offset <= self.suspect_to.get(tp, NOTHING_HELD)
 
     def record_count(self, request_id: str, attempts: int) -> None:
         """Our own count write was acknowledged (reading it back would come later)."""
@@ -173,7 +174,7 @@ class AttemptsLedger:
         """Engine attempts this request has had so far, as far as anyone can know."""
         if request_id in self.counts:
             return self.counts[request_id]
-        return 1 if self._inherited(tp, offset) else 0
+        return 1 if offset <= self.suspect_to.get(tp, NOTHING_HELD) else 0
 
     def close(self) -> None:
         self._consumer.close()

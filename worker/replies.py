@@ -15,7 +15,7 @@ from typing import Any
 import confluent_kafka
 import structlog
 
-from schemas.codec import dumps, encode
+from schemas.codec import dumps, encode, encode_reply
 from schemas.messages import CHUNK_SCHEMA, REPLY_SCHEMA, Chunk, Reply, Status, utc_now
 from schemas.settings import Settings
 
@@ -61,7 +61,7 @@ class ReplyWriter:
 
     def reply(self, topic: str, reply: Reply, on_durable: Callable[[], None] | None = None) -> None:
         key = reply.request_id.encode()
-        self._send(topic, key, encode(reply), on_durable,
+        self._send(topic, key, encode_reply(reply), on_durable,
                    headers=[("request_id", key), _STATUS_HEADER[reply.status], _REPLY_SCHEMA_HEADER])
 
     def chunk(self, topic: str, chunk: Chunk) -> None:

@@ -18,6 +18,7 @@ in the delivery callback of its reply or DLQ record. The Kafka clients are passe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -28,7 +29,7 @@ import structlog
 
 from broker.groups import GroupAdoptionError
 from broker.topics import PartitionKey
-from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request, Timing, utc_now
+from schemas.messages import BAND_ORDER, Band, Cancel, ErrorCode, Reply, Request, Timing, timestamp, utc_now
 from schemas.tenants import TenantsReloader
 from schemas.topology import Topology
 from worker import metrics
@@ -287,16 +288,16 @@ class Worker:
         self.tracker.received(tp, offset)
         band = self.intake.topic_band[topic]
         done = self._offset_done_callback(tp, offset)
-        verdict = self.triage.classify(value, band, lambda rid: self.guard.prior_attempts(rid, tp, offset))
+        verdict = self.triage.classify(value, band, self.guard.prior_attempts, tp, offset)
         if isinstance(verdict, Buffer):
             request = verdict.request
             if self._cancelled_on_arrival(request, band, done, received_at):
                 return
             params, deadline = request.params, request.deadline
             self.policy.add(Pending(
-                request.request_id, request.tenant_id, band, submitted_ts=request.submitted_at.timestamp(),
+                request.request_id, request.tenant_id, band, submitted_ts=timestamp(request.submitted_at),
                 cost=len(verdict.prompt_ids) + params.max_tokens * params.n,
-                deadline_ts=deadline.timestamp() if deadline else NEVER,
+                deadline_ts=timestamp(deadline) if deadline else NEVER,
                 payload=Buffered(request, verdict.prompt_ids, tp, offset, done, received_at),
                 slots=params.n, source=tp, size=len(value or b""),
             ))
@@ -309,8 +310,9 @@ class Worker:
             self._dead_letter(msg, verdict, done)
 
     def _offset_done_callback(self, tp: PartitionKey, offset: int) -> Callable[[], None]:
-        """Called once the record's reply or dead letter is durable: the offset may be committed."""
-        return lambda: self.tracker.done(tp, offset)
+        """Called once the record's reply or dead letter is durable: the offset may be committed.
+        A partial, not a lambda: calling it runs no Python frame of its own (one per request)."""
+        return functools.partial(self.tracker.done, tp, offset)
 
     def _dead_letter(self, msg: confluent_kafka.Message, verdict: DeadLetter, done: Callable[[], None]) -> None:
         source = (msg.topic(), msg.partition(), msg.offset())
@@ -483,13 +485,18 @@ class Worker:
                           completion_tokens)
 
     def _send(self, reply: Reply, band: Band, done: Callable[[], None], attempt: Attempt | None = None) -> None:
-        def durable() -> None:
-            done()
-            self.guard.answered(reply.request_id, attempt)
-
         self.served += 1
         self.tally.inc(metrics.replies, metrics.LABEL[band], metrics.LABEL[reply.status], reply.tenant_id)
-        self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=durable)
+        # the guard has nothing to do once the reply of an attempt it did not count is durable
+        # (``PoisonGuard.answered``): then ``done`` alone, without a closure and two calls a request
+        on_durable = done
+        if attempt is not None and attempt.counted:
+            def durable() -> None:
+                done()
+                self.guard.answered(reply.request_id, attempt)
+
+            on_durable = durable
+        self.writer.reply(self._reply_topic(reply.tenant_id), reply, on_durable=on_durable)
 
     def _reply_topic(self, tenant_id: str) -> str:
         """The tenant's reply topic, formatted once per tenant (per topology: a reload replaces it)."""

@@ -96,7 +96,7 @@ class Step:
     duration_s: float
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per request: slots, no instance dict to make
 class _Seq:
     request_id: str
     priority: int
@@ -276,8 +276,9 @@ def _completion(request: Request, seq: _Seq) -> Completion:
     text, n = FILLER * seq.generated, request.params.n
     choices = tuple(Choice(index=i, text=text, finish_reason="length", completion_tokens=seq.generated)
                     for i in range(n)) if n > 1 else ()
+    # positional: a NamedTuple made with keywords goes through a slower path (one per request)
     return Completion(text, "length", seq.prompt_tokens, seq.generated * n, seq.first_token_at, seq.finished_at,
-                      simulated=True, choices=choices)
+                      True, choices)
 
 
 def _approx_tokens(text: str) -> int:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol
 
 from schemas.codec import InvalidMessage, MalformedMessage, decode_request
 from schemas.messages import REQUEST_ID_PATTERN, Band, ErrorCode, Request
+from broker.topics import PartitionKey
 from schemas.topology import TenantConfig
 from worker.engine import RequestRejected
 
@@ -60,8 +61,9 @@ class Renderer(Protocol):
 
 
 class Triage:
-    """Decodes, validates and routes one record; ``prior_attempts(request_id, offset)`` comes
-    from the poison guard, so a request that keeps killing engines is refused here."""
+    """Decodes, validates and routes one record; ``prior_attempts(request_id, source, offset)``
+    comes from the poison guard (``PoisonGuard.prior_attempts``), so a request that keeps killing
+    engines is refused here."""
 
     def __init__(self, pool: str, tenants: Mapping[str, TenantConfig], engine: Renderer, max_attempts: int):
         self.pool = pool
@@ -69,7 +71,10 @@ class Triage:
         self.engine = engine
         self.max_attempts = max_attempts
 
-    def classify(self, value: bytes | None, band: Band, prior_attempts: Callable[[str], int]) -> Verdict:
+    def classify(self, value: bytes | None, band: Band, prior_attempts: Callable[[str, PartitionKey, int], int],
+                 source: PartitionKey, offset: int) -> Verdict:
+        """``source`` and ``offset``: where the record was read, for ``prior_attempts`` (passed
+        apart, not bound in a closure: one record after another, thousands a second)."""
         try:
             request = decode_request(value or b"")
         except MalformedMessage as exc:
@@ -78,7 +83,7 @@ class Triage:
             return self._invalid(exc)
         if request.tenant_id not in self.tenants:  # no reply topic to answer on
             return DeadLetter(f"unknown_tenant: unknown tenant {request.tenant_id!r}")
-        problem = self._route_problem(request, band, prior_attempts(request.request_id))
+        problem = self._route_problem(request, band, prior_attempts(request.request_id, source, offset))
         if problem is None:
             try:
                 prompt_ids = self.engine.render(request)
