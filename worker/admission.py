@@ -78,13 +78,18 @@ class Pending:
 
 class Preemption(NamedTuple):
     """``tenant`` gives up one admitted request of ``band`` or a lower band, ``slots`` wide or
-    wider, to the head of ``for_tenant``'s waiting ``queue`` (whose effective band is ``band``)."""
+    wider, to the head of the waiting ``queue`` (its key: topic band, tenant; the head's
+    effective band is ``band``)."""
 
     tenant: str
     band: Band
     slots: int
-    for_tenant: str
     queue: tuple[Band, str]
+
+    @property
+    def for_tenant(self) -> str:
+        """The tenant the slot goes to: the waiting queue's."""
+        return self.queue[1]
 
 
 class AdmissionPolicy:
@@ -279,7 +284,7 @@ class AdmissionPolicy:
             rank = (count, band.rank, head.submitted_ts, head.seq)
             if needy is None or rank < needy:
                 needy, needy_key, needy_band = rank, key, band
-        if needy_key is None or needy_band is None or needy is None:
+        if needy_key is None or needy_band is None:  # set together with ``needy``
             return None
         victim, most = None, 0
         for tenant_id, count in held.items():
@@ -287,7 +292,7 @@ class AdmissionPolicy:
                 victim, most = tenant_id, count
         if victim is None:
             return None
-        return Preemption(victim, needy_band, self._queues[needy_key][0].slots, needy_key[1], needy_key)
+        return Preemption(victim, needy_band, self._queues[needy_key][0].slots, needy_key)
 
     def admit_preempting(self, preemption: Preemption) -> Pending:
         """Start the waiting head ``preemption`` was for, now: the caller has taken a request of

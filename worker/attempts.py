@@ -153,13 +153,11 @@ class AttemptsLedger:
         for tp in partitions:
             self.suspect_to.pop(tp, None)
 
-    def _inherited(self, tp: PartitionKey, offset: int) -> bool:
-        """Whether a worker that died may have started this offset (it is at or below its marker)."""
-        return offset <= self.suspect_to.get(tp, NOTHING_HELD)
-
     def is_suspect(self, request_id: str, tp: PartitionKey, offset: int) -> bool:
-        """Whether this request is counted by request_id (a suspect) rather than covered by a marker.
-        (``_inherited`` written out here and in ``prior_attempts``: both are asked for every request.)"""
+        """Whether this request is counted by request_id (a suspect) rather than covered by a marker:
+        it has a count, or a worker that died may have started it (its offset is at or below the
+        marker found on assignment). Written out here and in ``prior_attempts``, not shared through
+        a helper: both are asked for every request."""
         return request_id in self.counts or offset <= self.suspect_to.get(tp, NOTHING_HELD)
 
     def record_count(self, request_id: str, attempts: int) -> None:

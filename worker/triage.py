@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
+from broker.topics import PartitionKey
 from schemas.codec import InvalidMessage, MalformedMessage, decode_request
 from schemas.messages import REQUEST_ID_PATTERN, Band, ErrorCode, Request
-from broker.topics import PartitionKey
 from schemas.topology import TenantConfig
 from worker.engine import RequestRejected
 
