@@ -1,4 +1,4 @@
-"""What the pool fairness scenario (bench/pool.py, ``fairness``) can reach at best: a model, no Kafka.
+"""What the pool burst scenario (bench/pool.py, ``burst``: fairness's first wave) can reach at best: a model, no Kafka.
 
 The scenario: 4 workers, each admitting 6 requests (4 engine slots + 2 in the engine's queue);
 globex's burst of 48 low requests (2x the pool's in-flight slots), first alone, then published
