@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import confluent_kafka
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from broker.groups import committed_offsets
@@ -22,6 +22,8 @@ from schemas.settings import Settings
 
 #: how long a topic's partition list is trusted before its metadata is read again
 METADATA_MAX_AGE_S = 30.0
+#: group states in which members' commits reach the broker as they are made (``settling_groups``)
+SETTLED_STATES = frozenset({ConsumerGroupState.STABLE, ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD})
 
 
 class BacklogError(RuntimeError):
@@ -146,6 +148,29 @@ class BacklogReader:
         finally:
             self._consumer.unassign()
         return {key: ts for key, ts in found.items() if ts == ts}  # drop NaN: no timestamp
+
+    def settling_groups(self, groups: Iterable[str], timeout: float = 5.0) -> set[str]:
+        """The groups among ``groups`` that are re-forming: while a member rejoins, librdkafka holds
+        its commits back until the group has settled (seen on Tansu and by librdkafka's design), so
+        the committed offsets of the group's partitions stand still however fast its workers serve.
+        Tansu reports a re-forming group's state as one librdkafka does not know (UNKNOWN): that
+        counts as settling too. A group the broker does not know has no members: settled."""
+        wanted = sorted(set(groups))
+        if not wanted:
+            return set()
+        futures = self._admin.describe_consumer_groups(wanted, request_timeout=timeout)
+        settling = set()
+        for group, future in futures.items():
+            try:
+                state = future.result().state
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.code() == KafkaError.GROUP_ID_NOT_FOUND:
+                    continue
+                raise BacklogError(f"cannot describe group {group!r}: {_describe(exc)}") from None
+            if state not in SETTLED_STATES:
+                settling.add(group)
+        return settling
 
     def partitions(self, topic: str, timeout: float = 5.0) -> list[int]:
         """Partition ids of ``topic``, re-read from the broker's metadata every

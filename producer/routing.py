@@ -30,8 +30,12 @@ had work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` w
 so a partition whose worker is slow or shared with more partitions gets fewer requests, in
 proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker is gone), or for
 twice the longest gap between advances it has shown (a long generation holds the committed
-offset still on a healthy worker), gets none while any other lane can take them. Lanes whose drain rate is not known yet (no request
-done since they had work) count at the average rate of the others, or at 1/t once they have had
+offset still on a healthy worker), gets none while any other lane can take them. Not while its
+consumer group re-forms (a worker joins or leaves): librdkafka then holds every member's commits
+back until the group has settled, so committed offsets stand still on healthy, busy workers; read
+as stalls, they starved a worker of new requests until it ran dry (bench.pool's events scenario).
+Those readings, and the first after (the held-back commits land at once), measure nothing.
+Lanes whose drain rate is not known yet (no request done since they had work) count at the average rate of the others, or at 1/t once they have had
 work for t seconds without finishing any, when that is lower (a slow worker's lanes show their
 rate last, precisely because they are slow: counted at the average until then, they took a fast
 lane's share of a burst's first seconds; bench.pool's hetero scenario); with no rate known at all
@@ -58,7 +62,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -69,9 +73,20 @@ from schemas.topology import Topology
 
 log = structlog.get_logger("tierq.routing")
 
-#: reads (topics) -> {(topic, partition): (backlog, committed offset)}; raises on failure (the last
-#: reading is kept)
-BacklogSource = Callable[[list[str]], Mapping[PartitionKey, tuple[int, int]]]
+class LaneReading(NamedTuple):
+    """One partition in a backlog reading."""
+
+    backlog: int
+    committed: int
+    #: False while the partition's consumer group re-forms: its owner's commits wait for the group
+    #: (``BacklogReader.settling_groups``), so the committed offset standing still says nothing
+    #: about the worker's progress
+    settled: bool = True
+
+
+#: reads (topics) -> {(topic, partition): (backlog, committed offset[, settled])}; raises on failure
+#: (the last reading is kept)
+BacklogSource = Callable[[list[str]], Mapping[PartitionKey, tuple[int, ...]]]
 #: topic -> number of partitions (None while unknown)
 PartitionCounter = Callable[[str], int | None]
 
@@ -101,6 +116,9 @@ OVERFLOW_OWN_SHARE = 0.25
 OVERFLOW_LOAD_SHARE = 0.75
 #: acknowledged offsets kept per (tenant, partition) while no reading prunes them (the oldest go first)
 MAX_TRACKED = 65536
+
+
+NO_READING = LaneReading(0, 0)
 
 
 class _Mine:
@@ -133,7 +151,7 @@ class LaneRouter:
         self._lanes: dict[tuple[str, str, int], frozenset[int]] = {}
         self._counts: dict[str, int] = {}
         #: the last reading, swapped in whole: (topic, partition) -> (backlog, committed offset)
-        self._reading: Mapping[PartitionKey, tuple[int, int]] = {}
+        self._reading: Mapping[PartitionKey, LaneReading] = {}
         self._rates: dict[PartitionKey, float] = {}
         self._idle_since: dict[PartitionKey, float] = {}
         #: per lane: when its committed offset last moved, or it last had no backlog
@@ -145,8 +163,8 @@ class LaneRouter:
         self._stalled: frozenset[PartitionKey] = frozenset()
         #: lanes with work, no rate yet: 1 / how long they have had work without finishing any (swapped in whole)
         self._unproven: dict[PartitionKey, float] = {}
-        self._previous: tuple[dict[PartitionKey, tuple[int, int]], float] | None = None
-        self._reading_seen: Mapping[PartitionKey, tuple[int, int]] | None = None
+        self._previous: tuple[dict[PartitionKey, LaneReading], float] | None = None
+        self._reading_seen: Mapping[PartitionKey, LaneReading] | None = None
         self._sent: dict[PartitionKey, int] = {}  # all tenants', since the last reading
         self._mine: dict[tuple[str, PartitionKey], _Mine] = {}
         self._lock = threading.Lock()  # _mine: delivery reports may come on another thread
@@ -165,13 +183,19 @@ class LaneRouter:
         """Read the backlog now (the background thread does this every ``refresh_s``) and update
         each lane's drain rate from how far its committed offset moved while it had backlog."""
         assert self._backlog_source is not None
-        reading, now = dict(self._backlog_source(self._topics)), time.monotonic()
+        reading = {tp: LaneReading(*load) for tp, load in self._backlog_source(self._topics).items()}
+        now = time.monotonic()
         rates = dict(self._rates)
         if self._previous is not None:
             before, then = self._previous
             elapsed = now - then
-            for tp, (backlog, committed) in reading.items():
+            for tp, (backlog, committed, settled) in reading.items():
                 old = before.get(tp)
+                if not settled or (old is not None and not old.settled):
+                    # its group re-forms (or just did: the held-back commits land at once): no
+                    # measure of progress, and no stall either
+                    self._progress_at[tp] = now
+                    continue
                 if old is not None and old[0] > 0 and committed > old[1]:
                     gap = now - self._progress_at.get(tp, then)
                     self._longest_gap[tp] = max(gap, self._longest_gap.get(tp, 0.0))
@@ -193,10 +217,10 @@ class LaneRouter:
             self._progress_at.update({tp: now for tp in reading})
         gaps = self._longest_gap
         self._stalled = frozenset(
-            tp for tp, (backlog, _c) in reading.items()
+            tp for tp, (backlog, _c, _s) in reading.items()
             if backlog > 0 and now - self._progress_at.get(tp, now)
             >= max(STALL_AFTER_S, STALL_GAP_FACTOR * gaps.get(tp, 0.0)))
-        self._unproven = {tp: 1.0 / (now - self._progress_at[tp]) for tp, (backlog, _c) in reading.items()
+        self._unproven = {tp: 1.0 / (now - self._progress_at[tp]) for tp, (backlog, _c, _s) in reading.items()
                           if backlog > 0 and tp not in rates and now > self._progress_at.get(tp, now)}
         self._previous = reading, now
         self._rates = rates
@@ -266,7 +290,7 @@ class LaneRouter:
         with self._lock:
             for partition in candidates:
                 tp = (topic, partition)
-                backlog, committed = reading.get(tp, (0, 0))
+                backlog, committed, _settled = reading.get(tp, NO_READING)
                 load = backlog + self._sent.get(tp, 0)
                 mine = self._mine.get((tenant_id, tp))
                 own = mine.outstanding(committed) if mine else 0
@@ -321,12 +345,14 @@ def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSou
     readers = {pool: BacklogReader(settings, topology.band_groups(pool)) for pool in topology.pools}
     topics_of = {pool: set(topology.pool_topics(pool).values()) for pool in topology.pools}
 
-    def read(topics: list[str]) -> dict[PartitionKey, tuple[int, int]]:
-        loads: dict[PartitionKey, tuple[int, int]] = {}
+    def read(topics: list[str]) -> dict[PartitionKey, LaneReading]:
+        loads: dict[PartitionKey, LaneReading] = {}
         for pool, reader in readers.items():
             mine = [t for t in topics if t in topics_of[pool]]
             if mine:
-                loads.update({tp: (load.backlog, load.committed) for tp, load in reader.read(mine).items()})
+                settling = reader.settling_groups(reader.group_for(t) for t in mine)
+                loads.update({tp: LaneReading(load.backlog, load.committed, reader.group_for(tp[0]) not in settling)
+                              for tp, load in reader.read(mine).items()})
         return loads
 
     def close() -> None:

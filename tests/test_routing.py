@@ -46,22 +46,26 @@ def test_growing_partitions_keeps_most_lanes():
 
 
 def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None,
-           committed: dict[tuple[str, int], int] | None = None, **options: int) -> LaneRouter:
-    """A router over a fake reading: ``backlog`` (and ``committed`` offsets) per partition."""
+           committed: dict[tuple[str, int], int] | None = None, settling: set[str] | None = None,
+           **options: int) -> LaneRouter:
+    """A router over a fake reading: ``backlog`` (and ``committed`` offsets) per partition; the
+    topics in ``settling`` have their consumer group re-forming."""
     counts = {topology.band_topic("default", band): topology.bands[band].partitions for band in Band}
 
-    def source(topics: list[str]) -> dict[tuple[str, int], tuple[int, int]]:
-        return {tp: (load, (committed or {}).get(tp, 0)) for tp, load in (backlog or {}).items()}
+    def source(topics: list[str]) -> dict[tuple[str, int], tuple[int, ...]]:
+        if settling is None:  # the plain (backlog, committed) form outside sources may give
+            return {tp: (load, (committed or {}).get(tp, 0)) for tp, load in (backlog or {}).items()}
+        return {tp: (load, (committed or {}).get(tp, 0), tp[0] not in settling) for tp, load in (backlog or {}).items()}
 
     return LaneRouter(topology, counts.get, source if backlog is not None else None, **options)
 
 
 def ticking_router(monkeypatch, topology: Topology, backlog: dict[tuple[str, int], int],
-                   committed: dict[tuple[str, int], int]) -> LaneRouter:
+                   committed: dict[tuple[str, int], int], settling: set[str] | None = None) -> LaneRouter:
     """``router`` on a clock that moves one second per reading, with its first reading taken."""
     clock = iter(range(100))
     monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
-    routing = router(topology, backlog, committed)
+    routing = router(topology, backlog, committed, settling)
     routing.refresh()
     return routing
 
@@ -213,6 +217,36 @@ def test_a_lane_with_backlog_and_no_progress_for_a_while_gets_nothing(base_topol
     routing.refresh()
     assert dead in {routing.partition_for("acme", "default", Band.high) for _ in range(200)}
 
+
+def test_a_lane_is_not_judged_stalled_or_slow_while_its_group_re_forms(base_topology: Topology, monkeypatch):
+    """While a worker joins or leaves, librdkafka holds the members' commits back until the group
+    has settled (seconds on Kafka, tens of seconds on Tansu), so committed offsets stand still on
+    healthy workers. Judged stalled, a busy worker's lanes got no requests and it ran dry
+    (bench.pool's events scenario, one run in three). Afterwards the held-back commits land at
+    once: not a drain rate either."""
+    topic = base_topology.band_topic("default", Band.low)
+    lanes = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
+    backlog = {(topic, p): 20 for p in lanes}
+    committed = {tp: 0 for tp in backlog}
+    settling: set[str] = set()
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed, settling)
+    for p in lanes:  # one second of progress: 2/s everywhere
+        committed[(topic, p)] = 2
+    routing.refresh()
+    rates = dict(routing._rates)
+    settling.add(topic)
+    for _ in range(3 * int(STALL_AFTER_S)):  # the group re-forms: no commits for 15 s
+        routing.refresh()
+    assert not routing._stalled and routing._rates == rates
+    assert set(lanes) <= {routing.partition_for("acme", "default", Band.low) for _ in range(200)}
+    settling.clear()
+    for p in lanes:  # settled: 30 held-back commits land in one reading
+        committed[(topic, p)] += 30
+    routing.refresh()
+    assert routing._rates == rates, "the jump is not a drain rate"
+    for _ in range(int(STALL_AFTER_S) + 1):  # settled and standing still: stalled as before
+        routing.refresh()
+    assert routing._stalled == {(topic, p) for p in lanes}
 
 
 def test_a_lane_whose_long_requests_hold_its_offset_still_is_not_judged_stalled_again(base_topology: Topology,

@@ -109,6 +109,49 @@ def test_backlog_drops_when_the_pool_group_commits(settings, topology):
             other.close()
 
 
+def test_a_group_re_forming_is_settling_until_its_members_hold_their_partitions(settings, topology):
+    """While a member joins, librdkafka holds the group's commits back, so the router must not read
+    standing committed offsets as stalled workers: ``settling_groups`` says when that is."""
+    low = topology.band_topic("default", Band.low)
+    group = unique_group()
+    config = {"bootstrap.servers": settings.bootstrap_servers, "group.id": group, "enable.auto.commit": False,
+              "partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": 6000,
+              "heartbeat.interval.ms": 1000}
+    held: dict[str, list[int]] = {"a": [], "b": []}
+
+    def member(name: str) -> confluent_kafka.Consumer:
+        consumer = confluent_kafka.Consumer({**config, "client.id": name})
+        consumer.subscribe([low], on_assign=lambda c, ps: held[name].extend(p.partition for p in ps),
+                           on_revoke=lambda c, ps: [held[name].remove(p.partition) for p in ps])
+        return consumer
+
+    a = member("a")
+    b = None
+    seen: list[bool] = []
+    with BacklogReader(settings, group) as reader:
+        assert reader.settling_groups([unique_group()]) == set(), "a group nobody joined has no commits to hold"
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                a.poll(0.1)
+                if b is not None:
+                    b.poll(0.1)
+                settling = group in reader.settling_groups([group])
+                if b is None and held["a"] and not settling:
+                    b = member("b")  # a holds every partition and the group is stable: b joins
+                elif b is not None:
+                    seen.append(settling)
+                    if held["b"] and not settling:
+                        break
+            assert held["b"], "the second member got no partitions"
+            assert any(seen), "the group was never reported re-forming while b joined"
+            assert not seen[-1]
+        finally:
+            a.close()
+            if b is not None:
+                b.close()
+
+
 def test_oldest_waiting_request_is_the_record_at_the_committed_offset(settings, topology):
     low = topology.band_topic("default", Band.low)
     before = time.time()
