@@ -253,6 +253,22 @@ class WorkerProcess:
                 owned -= keys
         return owned if self.alive else set()
 
+    def holds_at(self, band_suffix: str, count: int) -> float | None:
+        """When it first held ``count`` partitions of the topics ending in ``band_suffix``: with the
+        cooperative assignor a joiner's partitions come over two or more rounds of its band group
+        (the others give theirs up in one round, it gets them in the next), so its first partition
+        is not yet its share."""
+        held: set[tuple[str, int]] = set()
+        for event in self.events():
+            keys = {(t, p) for t, p in event.get("partitions", []) if t.endswith(band_suffix)}
+            if event["event"] == "partitions_assigned":
+                held |= keys
+            elif event["event"] in ("partitions_revoked", "partitions_lost"):
+                held -= keys
+            if keys and len(held) >= count:
+                return _parse_ts(event["timestamp"])
+        return None
+
     def first_assigned_at(self) -> float | None:
         for event in self.events():
             if event["event"] == "partitions_assigned" and event.get("partitions"):
