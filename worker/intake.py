@@ -201,7 +201,9 @@ class Intake:
         consumer.resume(partitions)
         log.info("partitions_assigned", partitions=sorted(keys))
         if self._on_assigned is not None:
+            started = time.monotonic()
             self._on_assigned(keys)
+            _log_if_slow("assigned", keys, started)
 
     def _topic_of(self, consumer: confluent_kafka.Consumer) -> str:
         return next(topic for topic, c in self._consumers.items() if c is consumer)
@@ -216,7 +218,9 @@ class Intake:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         log.info("partitions_lost" if lost else "partitions_revoked", partitions=sorted(keys))
         if self._on_revoked is not None:
+            started = time.monotonic()
             self._on_revoked(keys, lost)
+            _log_if_slow("lost" if lost else "revoked", keys, started)
         self.assigned.difference_update(keys)
         self.paused.difference_update(keys)
 
@@ -287,6 +291,17 @@ class Intake:
         """Leave every band group (each close may revoke partitions: the callbacks commit)."""
         for consumer in self._consumers.values():
             consumer.close()
+
+
+#: a rebalance callback that holds the worker's loop longer than this is logged (nothing is
+#: admitted, answered or committed meanwhile)
+SLOW_CALLBACK_S = 0.1
+
+
+def _log_if_slow(kind: str, keys: list[PartitionKey], started: float) -> None:
+    took = time.monotonic() - started
+    if took >= SLOW_CALLBACK_S:
+        log.info("rebalance_callback_slow", kind=kind, partitions=len(keys), ms=round(took * 1000, 1))
 
 
 def _by_topic(keys: Iterable[PartitionKey], offsets: Mapping[PartitionKey, int] | None = None,
