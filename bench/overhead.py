@@ -281,7 +281,10 @@ def main() -> None:
         meter = CpuMeter(broker.pid)
         if args.broker_nice and broker.pid:
             for thread in os.listdir(f"/proc/{broker.pid}/task"):  # niceness is per thread on Linux
-                os.setpriority(os.PRIO_PROCESS, int(thread), args.broker_nice)
+                try:
+                    os.setpriority(os.PRIO_PROCESS, int(thread), args.broker_nice)
+                except ProcessLookupError:
+                    pass  # a thread that ended meanwhile
         meter.hog_pids = {h.pid for h in hogs}
         extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}
         settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots, **extra)

@@ -194,6 +194,9 @@ def _parse_ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+ASSIGNMENT_EVENTS = ("partitions_assigned", "partitions_revoked", "partitions_lost")
+
+
 class WorkerProcess:
     """One ``tierq worker --engine simulated`` process; its JSON log lines land in a file."""
 
@@ -242,31 +245,28 @@ class WorkerProcess:
                 out.append(event)
         return out
 
+    def assignments(self) -> list[tuple[float, str, set[tuple[str, int]]]]:
+        """(when, event, partitions) of each assignment event in the log, in order."""
+        return [(_parse_ts(e["timestamp"]), e["event"], {(t, p) for t, p in e.get("partitions") or []})
+                for e in self.events() if e["event"] in ASSIGNMENT_EVENTS]
+
     def owned(self) -> set[tuple[str, int]]:
         """Partitions held now, replayed from the log's assignment events."""
         owned: set[tuple[str, int]] = set()
-        for event in self.events():
-            keys = {(t, p) for t, p in event.get("partitions", [])}
-            if event["event"] == "partitions_assigned":
-                owned |= keys
-            elif event["event"] in ("partitions_revoked", "partitions_lost"):
-                owned -= keys
+        for _at, event, keys in self.assignments():
+            owned = owned | keys if event == "partitions_assigned" else owned - keys
         return owned if self.alive else set()
 
-    def holds_at(self, band_suffix: str, count: int) -> float | None:
-        """When it first held ``count`` partitions of the topics ending in ``band_suffix``: with the
-        cooperative assignor a joiner's partitions come over two or more rounds of its band group
-        (the others give theirs up in one round, it gets them in the next), so its first partition
-        is not yet its share."""
+    def holds_at(self, topic: str, count: int) -> float | None:
+        """When it first held ``count`` partitions of ``topic``: with the cooperative assignor a
+        joiner's partitions come over two or more rounds of its band group (the others give theirs
+        up in one round, it gets them in the next), so its first partition is not yet its share."""
         held: set[tuple[str, int]] = set()
-        for event in self.events():
-            keys = {(t, p) for t, p in event.get("partitions", []) if t.endswith(band_suffix)}
-            if event["event"] == "partitions_assigned":
-                held |= keys
-            elif event["event"] in ("partitions_revoked", "partitions_lost"):
-                held -= keys
+        for at, event, keys in self.assignments():
+            keys = {k for k in keys if k[0] == topic}
+            held = held | keys if event == "partitions_assigned" else held - keys
             if keys and len(held) >= count:
-                return _parse_ts(event["timestamp"])
+                return at
         return None
 
     def first_assigned_at(self) -> float | None:

@@ -154,20 +154,22 @@ class BacklogReader:
         its commits back until the group has settled (seen on Tansu and by librdkafka's design), so
         the committed offsets of the group's partitions stand still however fast its workers serve.
         Tansu reports a re-forming group's state as one librdkafka does not know (UNKNOWN): that
-        counts as settling too. A group the broker does not know has no members: settled."""
+        counts as settling too. A group the broker does not know has no members: settled; one it
+        did not describe in time counts as settled too (its offsets then decide, as they did
+        before this was asked)."""
         wanted = sorted(set(groups))
         if not wanted:
             return set()
-        futures = self._admin.describe_consumer_groups(wanted, request_timeout=timeout)
         settling = set()
+        try:
+            futures = self._admin.describe_consumer_groups(wanted, request_timeout=timeout)
+        except KafkaException:
+            return settling  # not known: as before this was asked (the offsets alone decide)
         for group, future in futures.items():
             try:
                 state = future.result().state
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args else None
-                if isinstance(error, KafkaError) and error.code() == KafkaError.GROUP_ID_NOT_FOUND:
-                    continue
-                raise BacklogError(f"cannot describe group {group!r}: {_describe(exc)}") from None
+            except KafkaException:
+                continue  # no such group (no members), or no answer now: settled, as above
             if state not in SETTLED_STATES:
                 settling.add(group)
         return settling

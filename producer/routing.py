@@ -34,7 +34,8 @@ offset still on a healthy worker), gets none while any other lane can take them.
 consumer group re-forms (a worker joins or leaves): librdkafka then holds every member's commits
 back until the group has settled, so committed offsets stand still on healthy, busy workers; read
 as stalls, they starved a worker of new requests until it ran dry (bench.pool's events scenario).
-Those readings, and the first after (the held-back commits land at once), measure nothing.
+Those readings, and the first after (the held-back commits land at once), measure nothing (for
+at most ``SETTLING_GRACE_S``: a group that never re-forms may leave lanes without an owner).
 Lanes whose drain rate is not known yet (no request done since they had work) count at the average rate of the others, or at 1/t once they have had
 work for t seconds without finishing any, when that is lower (a slow worker's lanes show their
 rate last, precisely because they are slow: counted at the average until then, they took a fast
@@ -103,6 +104,11 @@ STALL_AFTER_S = 5.0
 #: had work, when that is longer: the committed offset moves only past the oldest request, so a
 #: long generation at the head holds it still for as long as it runs, on a healthy worker
 STALL_GAP_FACTOR = 2.0
+#: a lane's group re-forming for longer than this counts as settled again: a group that never
+#: re-forms (Tansu 0.6.0 when its leader leaves mid-rebalance; a member hung mid-rebalance on Kafka)
+#: may leave lanes without an owner, and those must be judged stalled like any other
+#: (WorkerSettings.rebalance_stuck_s says the same of a worker's own group)
+SETTLING_GRACE_S = 60.0
 #: drain rates (records/s) at or below this are no rate: the lane has not shown its speed yet
 MIN_RATE = 0.01
 #: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
@@ -159,6 +165,8 @@ class LaneRouter:
         #: per lane: the longest time its committed offset stood still while it had work and then
         #: moved (forgotten with its rate)
         self._longest_gap: dict[PartitionKey, float] = {}
+        #: per lane: since when its group has been re-forming (absent while settled)
+        self._settling_since: dict[PartitionKey, float] = {}
         #: lanes with backlog and no progress for their stall time (swapped in whole)
         self._stalled: frozenset[PartitionKey] = frozenset()
         #: lanes with work, no rate yet: 1 / how long they have had work without finishing any (swapped in whole)
@@ -183,8 +191,9 @@ class LaneRouter:
         """Read the backlog now (the background thread does this every ``refresh_s``) and update
         each lane's drain rate from how far its committed offset moved while it had backlog."""
         assert self._backlog_source is not None
-        reading = {tp: LaneReading(*load) for tp, load in self._backlog_source(self._topics).items()}
         now = time.monotonic()
+        reading = {tp: self._graced(tp, LaneReading(*load), now)
+                   for tp, load in self._backlog_source(self._topics).items()}
         rates = dict(self._rates)
         if self._previous is not None:
             before, then = self._previous
@@ -195,6 +204,8 @@ class LaneRouter:
                     # its group re-forms (or just did: the held-back commits land at once): no
                     # measure of progress, and no stall either
                     self._progress_at[tp] = now
+                    if backlog > 0:
+                        self._idle_since.pop(tp, None)
                     continue
                 if old is not None and old[0] > 0 and committed > old[1]:
                     gap = now - self._progress_at.get(tp, then)
@@ -225,6 +236,15 @@ class LaneRouter:
         self._previous = reading, now
         self._rates = rates
         self._reading = reading
+
+    def _graced(self, tp: PartitionKey, load: LaneReading, now: float) -> LaneReading:
+        """``load``, counted as settled once its group has been re-forming for ``SETTLING_GRACE_S``
+        (a group that does not re-form: its lanes may have no owner)."""
+        if load.settled:
+            self._settling_since.pop(tp, None)
+        elif now - self._settling_since.setdefault(tp, now) >= SETTLING_GRACE_S:
+            return load._replace(settled=True)
+        return load
 
     def _refresh_forever(self) -> None:
         failing = False
@@ -350,7 +370,7 @@ def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSou
         for pool, reader in readers.items():
             mine = [t for t in topics if t in topics_of[pool]]
             if mine:
-                settling = reader.settling_groups(reader.group_for(t) for t in mine)
+                settling = reader.settling_groups((reader.group_for(t) for t in mine), timeout=2.0)
                 loads.update({tp: LaneReading(load.backlog, load.committed, reader.group_for(tp[0]) not in settling)
                               for tp, load in reader.read(mine).items()})
         return loads

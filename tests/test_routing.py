@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from producer.routing import STALL_AFTER_S, LaneRouter
+from producer.routing import SETTLING_GRACE_S, STALL_AFTER_S, LaneRouter
 from schemas.lanes import lane_count, tenant_lanes
 from schemas.messages import Band
 from schemas.topology import Topology
@@ -63,7 +63,7 @@ def router(topology: Topology, backlog: dict[tuple[str, int], int] | None = None
 def ticking_router(monkeypatch, topology: Topology, backlog: dict[tuple[str, int], int],
                    committed: dict[tuple[str, int], int], settling: set[str] | None = None) -> LaneRouter:
     """``router`` on a clock that moves one second per reading, with its first reading taken."""
-    clock = iter(range(100))
+    clock = iter(range(1000))
     monkeypatch.setattr("producer.routing.time.monotonic", lambda: float(next(clock)))
     routing = router(topology, backlog, committed, settling)
     routing.refresh()
@@ -247,6 +247,24 @@ def test_a_lane_is_not_judged_stalled_or_slow_while_its_group_re_forms(base_topo
     for _ in range(int(STALL_AFTER_S) + 1):  # settled and standing still: stalled as before
         routing.refresh()
     assert routing._stalled == {(topic, p) for p in lanes}
+
+
+def test_a_group_that_never_re_forms_has_its_lanes_judged_again(base_topology: Topology, monkeypatch):
+    """On Tansu 0.6.0 a group whose leader leaves while it re-forms never settles, and its
+    partitions may have no owner: after SETTLING_GRACE_S its lanes are judged as any other."""
+    topic = base_topology.band_topic("default", Band.low)
+    dead, *alive = base_topology.tenant_lanes("acme", Band.low, topic, base_topology.bands[Band.low].partitions)
+    backlog = {(topic, p): 20 for p in [dead, *alive]}
+    committed = {tp: 0 for tp in backlog}
+    routing = ticking_router(monkeypatch, base_topology, backlog, committed, {topic})
+    for _ in range(int(SETTLING_GRACE_S) - 1):
+        routing.refresh()
+    assert not routing._stalled
+    for second in range(1, int(STALL_AFTER_S) + 3):
+        for p in alive:  # the lanes that still have an owner move on
+            committed[(topic, p)] = 2 * second
+        routing.refresh()
+    assert routing._stalled == {(topic, dead)}
 
 
 def test_a_lane_whose_long_requests_hold_its_offset_still_is_not_judged_stalled_again(base_topology: Topology,

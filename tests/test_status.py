@@ -125,12 +125,12 @@ def test_a_group_re_forming_is_settling_until_its_members_hold_their_partitions(
                            on_revoke=lambda c, ps: [held[name].remove(p.partition) for p in ps])
         return consumer
 
-    a = member("a")
     b = None
     seen: list[bool] = []
     with BacklogReader(settings, group) as reader:
-        assert reader.settling_groups([unique_group()]) == set(), "a group nobody joined has no commits to hold"
+        a = member("a")
         try:
+            assert reader.settling_groups([unique_group()]) == set(), "a group nobody joined has no commits to hold"
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 a.poll(0.1)

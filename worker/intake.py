@@ -301,7 +301,7 @@ SLOW_CALLBACK_S = 0.1
 def _log_if_slow(kind: str, keys: list[PartitionKey], started: float) -> None:
     took = time.monotonic() - started
     if took >= SLOW_CALLBACK_S:
-        log.info("rebalance_callback_slow", kind=kind, partitions=len(keys), ms=round(took * 1000, 1))
+        log.info("rebalance_callback_slow", kind=kind, count=len(keys), ms=round(took * 1000, 1))
 
 
 def _by_topic(keys: Iterable[PartitionKey], offsets: Mapping[PartitionKey, int] | None = None,

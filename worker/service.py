@@ -619,7 +619,7 @@ class Worker:
         self.policy.tenant_caps = pool_caps(self.topology, self.intake.topic_band, self._partition_counts, owned)
         capped = {t: c for t, c in self.policy.tenant_caps.items() if c is not None}
         if capped and owned:
-            log.info("tenant_caps", caps=capped, partitions=len(owned))
+            log.info("tenant_caps", caps=capped, partitions_held=len(owned))
 
     def _warn_if_a_band_is_missing(self) -> None:
         """A worker without partitions of a band cannot serve that band: the pool's priority
