@@ -159,14 +159,14 @@ class Producer:
         }
         self._routing = routing
         self._router: LaneRouter | None = None
-        self._close_backlog: Callable[[], None] | None = None
 
     def _lane_router(self) -> LaneRouter:
         """Started on first use, so a producer that never publishes reads no backlog."""
         if self._router is None:
-            backlog, self._close_backlog = backlog_reader_source(self._settings, self.topology)
+            backlog, close_backlog = backlog_reader_source(self._settings, self.topology)
             self._router = LaneRouter(self.topology, self._partition_count, backlog,
-                                      read_ahead=self._settings.read_ahead_per_partition).start()
+                                      read_ahead=self._settings.read_ahead_per_partition,
+                                      close_source=close_backlog).start()
         return self._router
 
     def _partition_count(self, topic: str) -> int | None:
@@ -327,9 +327,7 @@ class Producer:
             return
         self._closed = True
         if self._router is not None:
-            self._router.close()
-        if self._close_backlog is not None:
-            self._close_backlog()
+            self._router.close()  # it releases its backlog reader
         if self.quotas is not None:
             self.quotas.close()
         remaining = self.flush(timeout)

@@ -148,8 +148,12 @@ class LaneRouter:
     the backlog reading runs on a daemon thread of its own and swaps in whole snapshots."""
 
     def __init__(self, topology: Topology, partition_count: PartitionCounter, backlog: BacklogSource | None,
-                 refresh_s: float = REFRESH_S, read_ahead: int = READ_AHEAD_PER_PARTITION):
+                 refresh_s: float = REFRESH_S, read_ahead: int = READ_AHEAD_PER_PARTITION,
+                 close_source: Callable[[], None] | None = None):
+        """``close_source`` releases what ``backlog`` reads with; the router calls it once no reading
+        can be under way (see ``close``)."""
         self.topology = topology
+        self._close_source = close_source
         self.read_ahead = read_ahead
         self._partition_count = partition_count
         self._backlog_source = backlog
@@ -248,15 +252,23 @@ class LaneRouter:
 
     def _refresh_forever(self) -> None:
         failing = False
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-                failing = False
-            except Exception as exc:  # broker away: keep routing on the last reading and own counts
-                if not failing:
-                    log.warning("backlog_unavailable", error=str(exc), note="routing on the last reading")
-                failing = True
-            self._stop.wait(self._refresh_s)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.refresh()
+                    failing = False
+                except Exception as exc:  # broker away: keep routing on the last reading and own counts
+                    if not failing:
+                        log.warning("backlog_unavailable", error=str(exc), note="routing on the last reading")
+                    failing = True
+                self._stop.wait(self._refresh_s)
+        finally:
+            self._release_source()
+
+    def _release_source(self) -> None:
+        close, self._close_source = self._close_source, None
+        if close is not None:
+            close()
 
     def update_tenants(self, topology: Topology) -> None:
         self.topology = topology
@@ -351,11 +363,16 @@ class LaneRouter:
             if offset is not None and offset >= 0:
                 mine.offsets.append(offset)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop reading. The reading thread releases the source itself as it ends: a reading can
+        outlast ``timeout`` while the broker is away (each of its calls has its own timeout), and
+        an admin client destroyed under a call still in flight takes the process down."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout)
             self._thread = None
+        else:
+            self._release_source()
 
 
 def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSource, Callable[[], None]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 
 from producer.routing import SETTLING_GRACE_S, STALL_AFTER_S, LaneRouter
@@ -345,3 +347,30 @@ def test_a_lane_idle_for_a_while_forgets_its_drain_rate(base_topology: Topology,
         routing.refresh()
     chosen = Counter(routing.partition_for("acme", "default", Band.low) for _ in range(10 * len(lanes)))
     assert max(chosen.values()) - min(chosen.values()) <= 10 and chosen[slow] > 0
+
+
+def test_the_backlog_source_is_released_only_after_its_last_reading(base_topology: Topology):
+    """Closing the producer while a reading hangs on an absent broker must not destroy the
+    reader's clients under it: the reading thread releases them once its reading returns."""
+    reading, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def source(topics: list[str]) -> dict[tuple[str, int], tuple[int, int]]:
+        reading.set()
+        release.wait(10)
+        events.append("read")
+        return {}
+
+    routing = LaneRouter(base_topology, lambda topic: 16, source, close_source=lambda: events.append("closed"))
+    routing.start()
+    assert reading.wait(10)
+    routing.close(timeout=0.1)
+    assert events == [], "released while a reading was under way"
+    release.set()
+    deadline = time.monotonic() + 10
+    while "closed" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events == ["read", "closed"]
+    plain = LaneRouter(base_topology, lambda topic: 16, source, close_source=lambda: events.append("plain"))
+    plain.close()  # never started: released at once
+    assert events[-1] == "plain"
