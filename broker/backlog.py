@@ -16,7 +16,6 @@ import confluent_kafka
 from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from broker.groups import committed_offsets
 from broker.topics import PartitionKey
 from schemas.settings import Settings
 
@@ -57,8 +56,10 @@ class BacklogReader:
     no new batch (a new batch always moves even Tansu's answer), so its last true end is reused
     without any fetch.
 
-    **Committed offsets** come from OffsetFetch for the topic's group (AdminClient
-    ``list_consumer_group_offsets``): it neither joins the group nor disturbs its members. With
+    **Committed offsets** come from OffsetFetch for the topic's group, through a consumer with
+    the group's id that never subscribes (not the admin client's ``list_consumer_group_offsets``,
+    which can abort the process across a broker restart; see ``_committed``): it neither joins
+    the group nor disturbs its members. With
     no committed offset the log start counts as committed (a new group starts there), and a
     committed offset below the log start (retention deleted those records) counts as the log
     start.
@@ -70,6 +71,11 @@ class BacklogReader:
         """``groups``: the consumer group whose committed offsets count, one for every topic or
         one per topic (a pool's band groups, ``Topology.band_groups``)."""
         self.groups = groups
+        self._settings = settings
+        #: per group: a consumer that reads its committed offsets and never joins it
+        self._group_consumers: dict[str, confluent_kafka.Consumer] = {}
+        #: describes groups (settling_groups); None: make a fresh one
+        self._describer: AdminClient | None = None
         # a metadata request for one topic would create it where the broker auto-creates topics
         # (Tansu always does; Kafka with auto.create.topics.enable) unless the client says not to
         self._admin = AdminClient(settings.librdkafka("backlog-admin", **{"allow.auto.create.topics": False}))
@@ -106,13 +112,17 @@ class BacklogReader:
         does not exist.
         """
         deadline = time.monotonic() + timeout
-        partitions = [TopicPartition(topic, p) for topic in topics for p in self.partitions(topic, timeout)]
-        if not partitions:
-            return {}
-        latest = self._list_offsets(partitions, OffsetSpec.latest(), deadline)
-        earliest = self._list_offsets(partitions, OffsetSpec.earliest(), deadline)
-        committed = self._committed(partitions, deadline)
-        ends = self._true_ends(latest, deadline)
+        try:
+            partitions = [TopicPartition(topic, p) for topic in topics for p in self.partitions(topic, timeout)]
+            if not partitions:
+                return {}
+            latest = self._list_offsets(partitions, OffsetSpec.latest(), deadline)
+            earliest = self._list_offsets(partitions, OffsetSpec.earliest(), deadline)
+            committed = self._committed(partitions, deadline)
+            ends = self._true_ends(latest, deadline)
+        except BacklogError:
+            self._describer = None  # its connections may be dead: a fresh client next time (settling_groups)
+            raise
         loads: dict[PartitionKey, PartitionLoad] = {}
         for tp in partitions:
             key = (tp.topic, tp.partition)
@@ -156,19 +166,29 @@ class BacklogReader:
         Tansu reports a re-forming group's state as one librdkafka does not know (UNKNOWN): that
         counts as settling too. A group the broker does not know has no members: settled; one it
         did not describe in time counts as settled too (its offsets then decide, as they did
-        before this was asked)."""
+        before this was asked).
+
+        DescribeConsumerGroups has the admin client's coordinator bug (see ``_committed``): a
+        request that meets a dead connection aborts the process. So it runs on a client of its own,
+        replaced whenever a ``read`` or a describe failed (the broker went away: its connections may
+        be dead), and only right after a ``read`` succeeded (the broker is there)."""
         wanted = sorted(set(groups))
         if not wanted:
             return set()
-        settling = set()
+        settling: set[str] = set()
+        if self._describer is None:
+            self._describer = AdminClient(self._settings.librdkafka("backlog-describe"))
         try:
-            futures = self._admin.describe_consumer_groups(wanted, request_timeout=timeout)
+            futures = self._describer.describe_consumer_groups(wanted, request_timeout=timeout)
         except KafkaException:
             return settling  # not known: as before this was asked (the offsets alone decide)
         for group, future in futures.items():
             try:
                 state = future.result().state
-            except KafkaException:
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if not (isinstance(error, KafkaError) and error.code() == KafkaError.GROUP_ID_NOT_FOUND):
+                    self._describer = None  # no answer: a fresh client next time
                 continue  # no such group (no members), or no answer now: settled, as above
             if state not in SETTLED_STATES:
                 settling.add(group)
@@ -202,6 +222,9 @@ class BacklogReader:
         if not self._closed:
             self._closed = True
             self._consumer.close()
+            for consumer in self._group_consumers.values():
+                consumer.close()
+            self._describer = None
             # AdminClient has no close(): dropping our reference destroys its librdkafka handle, which
             # would otherwise keep reconnecting to a stopped broker and logging about it
             del self._admin
@@ -234,15 +257,26 @@ class BacklogReader:
             raise BacklogError(f"cannot list offsets: {_describe(exc)}") from None
 
     def _committed(self, partitions: list[TopicPartition], deadline: float) -> dict[PartitionKey, int]:
+        """Through a consumer of each group that never joins it (OffsetFetch on the consumer's own
+        path): the admin client's ListConsumerGroupOffsets aborts the process when the coordinator's
+        connection drops under it (librdkafka issues 3663 and 4605, `rd_kafka_enq_once_del_source_return`;
+        reproduced here across a broker restart), and a producer must outlive its broker's restarts."""
         by_group: dict[str, list[TopicPartition]] = {}
         for tp in partitions:
             by_group.setdefault(self.group_for(tp.topic), []).append(tp)
         committed: dict[PartitionKey, int] = {}
         for group, tps in by_group.items():
+            consumer = self._group_consumers.get(group)
+            if consumer is None:
+                consumer = self._group_consumers[group] = confluent_kafka.Consumer(self._settings.librdkafka(
+                    "backlog-committed", **{"group.id": group, "enable.auto.commit": False,
+                                            "enable.auto.offset.store": False}))
             try:
-                committed.update(committed_offsets(self._admin, group, tps, max(deadline - time.monotonic(), 0.1)))
+                answer = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in tps],
+                                            timeout=max(deadline - time.monotonic(), 0.1))
             except KafkaException as exc:
                 raise BacklogError(f"cannot read committed offsets of group {group!r}: {_describe(exc)}") from None
+            committed.update({(tp.topic, tp.partition): tp.offset for tp in answer if tp.error is None and tp.offset >= 0})
         return committed
 
     def _true_ends(self, reported: dict[PartitionKey, int], deadline: float) -> dict[PartitionKey, int]:

@@ -152,6 +152,74 @@ def test_a_group_re_forming_is_settling_until_its_members_hold_their_partitions(
                 b.close()
 
 
+# A reader that a producer keeps for its life, across broker restarts. Run in a child process:
+# librdkafka's admin client aborts the whole process (`rd_kafka_enq_once_del_source_return:
+# Assertion eonce->refcnt > 0`, librdkafka issues 3663 / 4605) when a coordinator request meets a
+# dead connection, and did so here with ListConsumerGroupOffsets and DescribeConsumerGroups
+# across a restart, in every one of 4 tries each.
+READER_ACROSS_RESTARTS = r"""
+import sys, tempfile, threading, time
+from pathlib import Path
+import confluent_kafka
+from confluent_kafka.admin import AdminClient, NewTopic
+from broker.backlog import BacklogError, BacklogReader
+from broker.embedded import EmbeddedBroker, LocalS3
+from schemas.settings import Settings
+
+tmp = Path(tempfile.mkdtemp())
+with LocalS3(log_path=tmp / "s3.log") as s3:
+    broker = EmbeddedBroker(storage="s3://tansu/", env=s3.broker_env(), log_path=tmp / "broker.log").start()
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([NewTopic("t", 4, 1)]).values():
+        future.result()
+    member = confluent_kafka.Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "g",
+                                       "session.timeout.ms": 6000})
+    member.subscribe(["t"])
+    reader = BacklogReader(Settings(_env_file=None, bootstrap_servers=broker.bootstrap), "g")
+    stop, answered = threading.Event(), [0, 0]
+
+    def read_forever():  # as the router's thread does: read, then ask which groups re-form
+        while not stop.is_set():
+            try:
+                reader.read(["t"], timeout=2.0)
+                reader.settling_groups(["g"], timeout=2.0)
+                answered[0] += 1
+            except BacklogError:
+                answered[1] += 1
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=read_forever, daemon=True)
+    thread.start()
+    for _ in range(2):
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            member.poll(0.1)
+        broker.stop()
+        time.sleep(2)
+        broker.start()
+    until = time.monotonic() + 4
+    while time.monotonic() < until:
+        member.poll(0.1)
+    stop.set()
+    thread.join(10)
+    reader.close()
+    member.close()
+    broker.stop()
+    print("answered", *answered)
+"""
+
+
+def test_the_backlog_reader_survives_broker_restarts(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", READER_ACROSS_RESTARTS], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"the reader's process died ({done.returncode}): {done.stderr[-2000:]}"
+    ok, failed = map(int, done.stdout.split()[-2:])
+    assert ok > 0 and failed > 0, "it read while the broker was there and failed while it was not"
+
+
 def test_oldest_waiting_request_is_the_record_at_the_committed_offset(settings, topology):
     low = topology.band_topic("default", Band.low)
     before = time.time()
