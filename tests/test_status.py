@@ -188,18 +188,19 @@ with LocalS3(log_path=tmp / "s3.log") as s3:
                 answered[1] += 1
             time.sleep(0.05)
 
+    def stay_in_group(seconds):
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            member.poll(0.1)
+
     thread = threading.Thread(target=read_forever, daemon=True)
     thread.start()
     for _ in range(2):
-        until = time.monotonic() + 3
-        while time.monotonic() < until:
-            member.poll(0.1)
+        stay_in_group(3)
         broker.stop()
         time.sleep(2)
         broker.start()
-    until = time.monotonic() + 4
-    while time.monotonic() < until:
-        member.poll(0.1)
+    stay_in_group(4)
     stop.set()
     thread.join(10)
     reader.close()
