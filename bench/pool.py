@@ -56,6 +56,7 @@ from typing import Any
 from bench.poolkit import (
     TENANTS, Bench, CpuMeter, EngineShape, Pool, WorkerProcess, by_worker, ceil, git_head, machine_info,
     in_flight_mean, other_processes, partitions_by_worker, partitions_used, queue_stats, ratio, token_times, tokens_between, ts,
+    with_censored,
 )
 from broker.embedded import EmbeddedBroker
 from producer.client import Producer
@@ -422,9 +423,8 @@ def scenario_priority(run: Run) -> dict[str, Any]:
                            "queue_ms_with_censored": [r.timing.queue_ms for r in answered] + [x * 1000 for x in censored]})
     stats = {name: queue_stats(ph["high"]) for name, ph in phases.items()}
     if censored:
-        q = sorted(phases["fifo"]["queue_ms_with_censored"])
         stats["fifo"].update({
-            "queue_ms_p50": round(q[len(q) // 2], 1), "queue_ms_p99": round(q[min(len(q) - 1, int(0.99 * len(q)))], 1),
+            **with_censored(answered, [x * 1000 for x in censored]),
             "note": f"{len(censored)} of {len(fifo_ids)} not started when the pool was stopped {p.fifo_wait_s:g} s after "
                     "the trickle: counted with their wait so far, so the percentiles are lower bounds"})
     r99 = ratio(stats["priority"]["queue_ms_p99"], stats["idle"]["queue_ms_p99"])
@@ -510,9 +510,7 @@ def scenario_fairness(run: Run) -> dict[str, Any]:
     censored = [(t_stop - sent_at[rid]) * 1000 for rid in with_ids - {r.request_id for r in started}]
     q_alone, q_with = queue_stats(alone_r), queue_stats(started)
     if censored:
-        q = sorted([r.timing.queue_ms for r in started] + censored)
-        q_with.update({"queue_ms_p50": round(q[len(q) // 2], 1), "queue_ms_p99": round(q[min(len(q) - 1, int(0.99 * len(q)))], 1),
-                       "not_started_when_stopped": len(censored)})
+        q_with.update({**with_censored(started, censored), "not_started_when_stopped": len(censored)})
     r50 = ratio(q_with["queue_ms_p50"], q_alone["queue_ms_p50"])
     window = (t_flood + head, t_sent)
     done_in = lambda rs: sum(1 for r in rs if window[0] <= ts(r.timing.finished_at) <= window[1])  # noqa: E731
@@ -578,9 +576,7 @@ def scenario_burst(run: Run) -> dict[str, Any]:
                 if rid not in {r.request_id for r in together}]
     q_alone, q_with = queue_stats(alone), queue_stats(together)
     if censored:
-        q = sorted([r.timing.queue_ms for r in together] + censored)
-        q_with.update({"queue_ms_p50": round(q[len(q) // 2], 1), "queue_ms_p99": round(q[min(len(q) - 1, int(0.99 * len(q)))], 1),
-                       "not_started_when_stopped": len(censored),
+        q_with.update({**with_censored(together, censored), "not_started_when_stopped": len(censored),
                        "note": f"stopped {cap:g} s after the flood: {len(censored)} of {burst} not started, counted "
                                "with their wait so far (the median is exact while they are under half)"})
     r50 = ratio(q_with["queue_ms_p50"], q_alone["queue_ms_p50"])
@@ -683,7 +679,8 @@ def scenario_events(run: Run) -> dict[str, Any]:
         sent: list[tuple[float, str, dict[str, Any]]] = []
         new: WorkerProcess | None = None
         k = 0
-        while k < p.join_stream_s or new is None or not joined(new) or time.time() < joined(new) + 5 + window + 1:
+        while k < p.join_stream_s or new is None or (t_joined := joined(new)) is None \
+                or time.time() < t_joined + 5 + window + 1:  # the log is read once a turn
             if new is None and k >= pre:
                 new = pool.start_worker()
             if k > 120:
@@ -1025,6 +1022,12 @@ RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "fairness": scenario_fairness, "burst": scenario_burst, "events": scenario_events, "cost": scenario_cost,
 }
 
+def globex_headline(r: dict[str, Any]) -> str:
+    """The fairness and burst scenarios' line: globex's median queue time with the flood and alone."""
+    return (f"globex median queue {r['globex_with_flood']['queue_ms_p50']} ms vs "
+            f"{r['globex_alone']['queue_ms_p50']} ms alone: {r['queue_p50_ratio']}x")
+
+
 HEADLINE = {
     "scale": lambda r: f"efficiency at N=1/2/4{'/8' if '8' in map(str, r['efficiency_by_n']) else ''}: "
                        + " / ".join(str(v) for v in r["efficiency_by_n"].values()),
@@ -1034,10 +1037,8 @@ HEADLINE = {
     "priority": lambda r: f"high queue p99 {r['high']['priority']['queue_ms_p99']} ms vs idle "
                           f"{r['high']['idle']['queue_ms_p99']} ms: {r['queue_p99_ratio']}x; FIFO "
                           f"{r['high']['fifo']['queue_ms_p99']} ms",
-    "fairness": lambda r: f"globex median queue {r['globex_with_flood']['queue_ms_p50']} ms vs "
-                          f"{r['globex_alone']['queue_ms_p50']} ms alone: {r['queue_p50_ratio']}x",
-    "burst": lambda r: f"globex median queue {r['globex_with_flood']['queue_ms_p50']} ms vs "
-                       f"{r['globex_alone']['queue_ms_p50']} ms alone: {r['queue_p50_ratio']}x",
+    "fairness": globex_headline,
+    "burst": globex_headline,
     "events": lambda r: f"join {r['join']['join_s']} s, share at {r['join']['share_s']} s from its start "
                         f"({'pass' if r['join']['pass'] else 'FAIL'}); {r['loss']['answered']}/{r['loss']['sent']} "
                         f"answered, {r['loss']['lost']} lost, {r['loss']['redelivered_attempt_gt_1']} redelivered "

@@ -270,10 +270,7 @@ class WorkerProcess:
         return None
 
     def first_assigned_at(self) -> float | None:
-        for event in self.events():
-            if event["event"] == "partitions_assigned" and event.get("partitions"):
-                return _parse_ts(event["timestamp"])
-        return None
+        return next((at for at, event, keys in self.assignments() if event == "partitions_assigned" and keys), None)
 
     def errors(self) -> list[str]:
         return [json.dumps(e)[:300] for e in self.events() if e.get("level") in ("error", "critical")]
@@ -561,6 +558,13 @@ def queue_stats(replies: Sequence[Reply]) -> dict[str, Any]:
             "in_kafka_ms_p50": pct(kafka, 50), "in_kafka_ms_p99": pct(kafka, 99),
             "in_worker_buffer_ms_p50": pct(buffered, 50), "in_worker_buffer_ms_p99": pct(buffered, 99),
             "e2e_ms_p50": pct(e2e, 50), "e2e_ms_p99": pct(e2e, 99)}
+
+
+def with_censored(replies: Sequence[Reply], censored_ms: Sequence[float]) -> dict[str, float]:
+    """Queue p50 and p99 over ``replies`` and the requests still waiting when the pool was stopped,
+    counted with their wait so far (``censored_ms``): lower bounds while any is censored."""
+    q = sorted([r.timing.queue_ms for r in replies] + list(censored_ms))
+    return {"queue_ms_p50": round(q[len(q) // 2], 1), "queue_ms_p99": round(q[min(len(q) - 1, int(0.99 * len(q)))], 1)}
 
 
 def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:

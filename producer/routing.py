@@ -74,6 +74,7 @@ from schemas.topology import Topology
 
 log = structlog.get_logger("tierq.routing")
 
+
 class LaneReading(NamedTuple):
     """One partition in a backlog reading."""
 
@@ -387,10 +388,10 @@ def backlog_reader_source(settings: Any, topology: Topology) -> tuple[BacklogSou
         for pool, reader in readers.items():
             mine = [t for t in topics if t in topics_of[pool]]
             if mine:
-                read = reader.read(mine)  # first: the describe only once the broker has answered
+                pool_loads = reader.read(mine)  # first: the describe only once the broker has answered
                 settling = reader.settling_groups((reader.group_for(t) for t in mine), timeout=2.0)
                 loads.update({tp: LaneReading(load.backlog, load.committed, reader.group_for(tp[0]) not in settling)
-                              for tp, load in read.items()})
+                              for tp, load in pool_loads.items()})
         return loads
 
     def close() -> None:

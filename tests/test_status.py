@@ -158,7 +158,7 @@ def test_a_group_re_forming_is_settling_until_its_members_hold_their_partitions(
 # dead connection, and did so here with ListConsumerGroupOffsets and DescribeConsumerGroups
 # across a restart, in every one of 4 tries each.
 READER_ACROSS_RESTARTS = r"""
-import sys, tempfile, threading, time
+import tempfile, threading, time
 from pathlib import Path
 import confluent_kafka
 from confluent_kafka.admin import AdminClient, NewTopic
