@@ -26,7 +26,10 @@ front of T's. Counting them (as this router did before) sends a small tenant awa
 partition a flood fills, onto the few lanes it alone uses, hence onto few workers.
 
 That count is divided by the rate at which P's committed offset has been advancing while it
-had work (an average over the readings, forgotten after ``RATE_IDLE_FORGET_S`` without work),
+had work (records over seconds, over its last ``RATE_WINDOW_S`` seconds with work: a partition
+finishes a request every few seconds, and a rate read from one or two readings made a slow
+worker's lanes look as fast as any other's right after each request they finished; forgotten after
+``RATE_IDLE_FORGET_S`` without work),
 so a partition whose worker is slow or shared with more partitions gets fewer requests, in
 proportion; one with backlog and no progress for ``STALL_AFTER_S`` (its worker is gone), or for
 twice the longest gap between advances it has shown (a long generation holds the committed
@@ -93,8 +96,12 @@ BacklogSource = Callable[[list[str]], Mapping[PartitionKey, tuple[int, ...]]]
 PartitionCounter = Callable[[str], int | None]
 
 REFRESH_S = 1.0
-#: weight of the newest measurement in a lane's drain-rate average
-RATE_SMOOTHING = 0.5
+#: a lane's drain rate: records done over the last this many seconds it had work (measured
+#: readings only). Longer than a few requests' time: a partition of a busy worker finishes one every
+#: few seconds, and an average that leant on the last reading or two (weight 0.5 each, as this
+#: router once had) jumped with each request done, so a slow worker's lanes often looked as fast
+#: as the others' and took more than their share (bench.pool's hetero scenario)
+RATE_WINDOW_S = 10.0
 #: a lane whose committed offset has not moved for this long while it had backlog counts as
 #: stalled (its worker is gone, or stuck): it gets requests only when every lane is. A single
 #: reading without progress says nothing: a lane's first request may take longer than a reading's
@@ -164,6 +171,8 @@ class LaneRouter:
         #: the last reading, swapped in whole: (topic, partition) -> (backlog, committed offset)
         self._reading: Mapping[PartitionKey, LaneReading] = {}
         self._rates: dict[PartitionKey, float] = {}
+        #: per lane: the measured readings within its rate window, (seconds, records done)
+        self._window: dict[PartitionKey, deque[tuple[float, int]]] = {}
         self._idle_since: dict[PartitionKey, float] = {}
         #: per lane: when its committed offset last moved, or it last had no backlog
         self._progress_at: dict[PartitionKey, float] = {}
@@ -221,14 +230,15 @@ class LaneRouter:
                     self._idle_since.pop(tp, None)
                 elif now - self._idle_since.setdefault(tp, now) >= RATE_IDLE_FORGET_S:
                     rates.pop(tp, None)
+                    self._window.pop(tp, None)
                     self._longest_gap.pop(tp, None)
                 if old is None or old[0] == 0 or elapsed <= 0:
                     continue  # nothing to drain: its rate says nothing
-                measured = max(0, committed - old[1]) / elapsed
-                known = rates.get(tp)
-                if known is None and measured == 0:
-                    continue  # no request done yet: its speed is still unknown, not zero
-                rates[tp] = measured if known is None else (1 - RATE_SMOOTHING) * known + RATE_SMOOTHING * measured
+                done = self._measure(tp, elapsed, max(0, committed - old[1]))
+                if done is None:
+                    rates.pop(tp, None)  # no request done within its window: speed unknown, not zero
+                else:
+                    rates[tp] = done
         else:
             self._progress_at.update({tp: now for tp in reading})
         gaps = self._longest_gap
@@ -241,6 +251,17 @@ class LaneRouter:
         self._previous = reading, now
         self._rates = rates
         self._reading = reading
+
+    def _measure(self, tp: PartitionKey, elapsed: float, done: int) -> float | None:
+        """Add one measured reading to the lane's window; its rate over the window (None when it
+        finished nothing within it)."""
+        window = self._window.setdefault(tp, deque())
+        window.append((elapsed, done))
+        seconds = sum(s for s, _ in window)
+        while len(window) > 1 and seconds - window[0][0] >= RATE_WINDOW_S:
+            seconds -= window.popleft()[0]
+        records = sum(d for _, d in window)
+        return records / seconds if records > 0 else None
 
     def _graced(self, tp: PartitionKey, load: LaneReading, now: float) -> LaneReading:
         """``load``, counted as settled once its group has been re-forming for ``SETTLING_GRACE_S``
