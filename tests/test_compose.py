@@ -40,6 +40,22 @@ def test_worker_reserves_a_gpu_and_runs_the_worker(compose):
     assert worker["environment"]["TIERQ_BOOTSTRAP_SERVERS"] == "kafka:19092"
 
 
+def test_workers_environment_is_valid_worker_settings(compose, monkeypatch):
+    """Every TIERQ_* value the compose file gives a worker parses (a typo in the fetch waits' JSON
+    would stop the worker at start), and each worker on Kafka uses long fetch waits."""
+    from schemas.messages import Band
+    from worker.settings import WorkerSettings
+
+    workers = {name: s for name, s in compose["services"].items() if s.get("command", [None])[0] == "worker"}
+    assert workers
+    for name, service in workers.items():
+        for key, value in service["environment"].items():
+            if key.startswith("TIERQ_") and "${" not in str(value):
+                monkeypatch.setenv(key, str(value))
+        settings = WorkerSettings(_env_file=None)
+        assert settings.fetch_wait_ms == dict.fromkeys(Band, 500) and settings.control_fetch_wait_ms == 500, name
+
+
 def test_topic_creation_is_one_shot(compose):
     topics = compose["services"]["topics"]
     assert topics["command"] == ["topics", "create"] and topics["restart"] == "no"

@@ -57,3 +57,16 @@ def test_each_bands_fetch_wait_reaches_its_consumer(monkeypatch):
     monkeypatch.setenv("TIERQ_FETCH_WAIT_MS", '{"high": 0}')
     with pytest.raises(ValueError, match="fetch_wait_ms"):
         WorkerSettings(_env_file=None)
+
+
+def test_the_control_readers_fetch_wait_reaches_its_consumer(monkeypatch):
+    from worker.control import control_consumer_config
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings(_env_file=None).control_fetch_wait_ms == 20
+    monkeypatch.setenv("TIERQ_CONTROL_FETCH_WAIT_MS", "500")
+    settings = WorkerSettings(_env_file=None, bootstrap_servers="k:9092")
+    assert control_consumer_config(settings, settings.control_fetch_wait_ms)["fetch.wait.max.ms"] == 500
+    monkeypatch.setenv("TIERQ_CONTROL_FETCH_WAIT_MS", "0")
+    with pytest.raises(ValueError, match="control_fetch_wait_ms"):
+        WorkerSettings(_env_file=None)

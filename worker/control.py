@@ -65,18 +65,23 @@ class CancelBook:
         return len(self._cancels)
 
 
+def control_consumer_config(settings: Settings, fetch_wait_ms: int) -> dict[str, object]:
+    """The control reader's librdkafka config (``WorkerSettings.control_fetch_wait_ms``)."""
+    return settings.librdkafka("worker-control", **{
+        "group.id": f"tierq-control-{uuid.uuid4().hex}",  # required by librdkafka; never joined
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "fetch.wait.max.ms": fetch_wait_ms,
+    })
+
+
 class ControlReader:
     """Reads the pool's control topic without blocking; ``poll`` returns the cancels that arrived."""
 
-    def __init__(self, settings: Settings, topic: str, memory_s: float):
+    def __init__(self, settings: Settings, topic: str, memory_s: float, fetch_wait_ms: int = 20):
         self.topic = topic
         self.memory_s = memory_s
-        self._consumer = confluent_kafka.Consumer(settings.librdkafka("worker-control", **{
-            "group.id": f"tierq-control-{uuid.uuid4().hex}",  # required by librdkafka; never joined
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": 20,
-        }))
+        self._consumer = confluent_kafka.Consumer(control_consumer_config(settings, fetch_wait_ms))
         self._assigned = False
 
     def start(self, timeout: float = 10.0) -> str | None:

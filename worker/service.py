@@ -653,6 +653,7 @@ def build_worker(settings: WorkerSettings, topology: Topology, engine: EngineAda
                     session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id,
                     pool_group=group_id, fetch_wait_ms=settings.fetch_wait_ms,
                     rebalance_stuck_s=settings.rebalance_stuck_s)
-    control = ControlReader(settings, topology.control_topic(settings.pool), settings.cancel_memory_s)
+    control = ControlReader(settings, topology.control_topic(settings.pool), settings.cancel_memory_s,
+                            fetch_wait_ms=settings.control_fetch_wait_ms)
     return Worker(settings, topology, engine, intake=intake, writer=writer, guard=guard, reloader=reloader,
                   control=control)
