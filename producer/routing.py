@@ -39,10 +39,13 @@ back until the group has settled, so committed offsets stand still on healthy, b
 as stalls, they starved a worker of new requests until it ran dry (bench.pool's events scenario).
 Those readings, and the first after (the held-back commits land at once), measure nothing (for
 at most ``SETTLING_GRACE_S``: a group that never re-forms may leave lanes without an owner).
-Lanes whose drain rate is not known yet (no request done since they had work) count at the average rate of the others, or at 1/t once they have had
-work for t seconds without finishing any, when that is lower (a slow worker's lanes show their
-rate last, precisely because they are slow: counted at the average until then, they took a fast
-lane's share of a burst's first seconds; bench.pool's hetero scenario); with no rate known at all
+Lanes whose drain rate is not known yet (no request done since they had work, or none within
+the window) count at the average rate of the others. Any lane that has had work for t seconds
+without finishing a request counts at 1/t when that is lower than its rate: a slow worker's lanes
+show their rate last, precisely because they are slow (counted at the average until then, they
+took a fast lane's share of a burst's first seconds; bench.pool's hetero scenario), and a lane
+whose worker died keeps its finished requests in its window for 10 s, but is slower than 1/t
+from the moment it stopped, and stalled only after ``STALL_AFTER_S``. With no rate known at all
 the counts alone decide, so a new producer spreads a tenant's requests evenly (over every
 partition while they are light, then over its lanes). The record key stays the tenant id, so the contract is unchanged for clients that only
 set the key.
@@ -117,6 +120,9 @@ STALL_GAP_FACTOR = 2.0
 #: may leave lanes without an owner, and those must be judged stalled like any other
 #: (WorkerSettings.rebalance_stuck_s says the same of a worker's own group)
 SETTLING_GRACE_S = 60.0
+#: two readings further apart than this many refresh intervals (the backlog could not be read in
+#: between) measure no rate: one such interval would weigh as much as the rest of the window
+MEASURED_GAP_FACTOR = 5.0
 #: drain rates (records/s) at or below this are no rate: the lane has not shown its speed yet
 MIN_RATE = 0.01
 #: a lane without backlog for this long forgets its drain rate (a rate is measured under load;
@@ -183,8 +189,9 @@ class LaneRouter:
         self._settling_since: dict[PartitionKey, float] = {}
         #: lanes with backlog and no progress for their stall time (swapped in whole)
         self._stalled: frozenset[PartitionKey] = frozenset()
-        #: lanes with work, no rate yet: 1 / how long they have had work without finishing any (swapped in whole)
-        self._unproven: dict[PartitionKey, float] = {}
+        #: lanes with work: 1 / how long they have had work without finishing any, the most their
+        #: rate can be now (swapped in whole)
+        self._no_progress: dict[PartitionKey, float] = {}
         self._previous: tuple[dict[PartitionKey, LaneReading], float] | None = None
         self._reading_seen: Mapping[PartitionKey, LaneReading] | None = None
         self._sent: dict[PartitionKey, int] = {}  # all tenants', since the last reading
@@ -234,6 +241,8 @@ class LaneRouter:
                     self._longest_gap.pop(tp, None)
                 if old is None or old[0] == 0 or elapsed <= 0:
                     continue  # nothing to drain: its rate says nothing
+                if elapsed > MEASURED_GAP_FACTOR * self._refresh_s:
+                    continue  # readings failed in between: whether it had work all along is not known
                 done = self._measure(tp, elapsed, max(0, committed - old[1]))
                 if done is None:
                     rates.pop(tp, None)  # no request done within its window: speed unknown, not zero
@@ -246,8 +255,8 @@ class LaneRouter:
             tp for tp, (backlog, _c, _s) in reading.items()
             if backlog > 0 and now - self._progress_at.get(tp, now)
             >= max(STALL_AFTER_S, STALL_GAP_FACTOR * gaps.get(tp, 0.0)))
-        self._unproven = {tp: 1.0 / (now - self._progress_at[tp]) for tp, (backlog, _c, _s) in reading.items()
-                          if backlog > 0 and tp not in rates and now > self._progress_at.get(tp, now)}
+        self._no_progress = {tp: 1.0 / (now - self._progress_at[tp]) for tp, (backlog, _c, _s) in reading.items()
+                             if backlog > 0 and now > self._progress_at.get(tp, now)}
         self._previous = reading, now
         self._rates = rates
         self._reading = reading
@@ -335,7 +344,7 @@ class LaneRouter:
         if known_lanes is None:
             return None
         partition_count, lanes = known_lanes
-        rates, stalled, unproven = self._rates, self._stalled, self._unproven
+        rates, stalled, no_progress = self._rates, self._stalled, self._no_progress
         candidates = range(partition_count)  # its lanes, and the band's other partitions while light
         known = [rates[(topic, p)] for p in candidates if rates.get((topic, p), 0.0) > MIN_RATE]
         average = sum(known) / len(known) if known else None
@@ -357,9 +366,8 @@ class LaneRouter:
                 elif average is None:
                     wait = float(ahead)
                 else:
-                    rate = rates.get(tp)
-                    if rate is None:
-                        rate = min(average, unproven.get(tp, average))
+                    rate = rates.get(tp, average)
+                    rate = min(rate, no_progress.get(tp, rate))
                     wait = (ahead + 1) / max(rate, MIN_RATE)
                 if best_wait is None or wait < best_wait:
                     best_wait, best = wait, [partition]

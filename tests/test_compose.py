@@ -46,13 +46,18 @@ def test_workers_environment_is_valid_worker_settings(compose, monkeypatch):
     from schemas.messages import Band
     from worker.settings import WorkerSettings
 
+    import os
+
     workers = {name: s for name, s in compose["services"].items() if s.get("command", [None])[0] == "worker"}
     assert workers
     for name, service in workers.items():
-        for key, value in service["environment"].items():
-            if key.startswith("TIERQ_") and "${" not in str(value):
-                monkeypatch.setenv(key, str(value))
-        settings = WorkerSettings(_env_file=None)
+        with monkeypatch.context() as env:  # this service's values only, none from another or the shell
+            for key in [k for k in os.environ if k.startswith("TIERQ_")]:
+                env.delenv(key)
+            for key, value in service["environment"].items():
+                if key.startswith("TIERQ_") and "${" not in str(value):
+                    env.setenv(key, str(value))
+            settings = WorkerSettings(_env_file=None)
         assert settings.fetch_wait_ms == dict.fromkeys(Band, 500) and settings.control_fetch_wait_ms == 500, name
 
 

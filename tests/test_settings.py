@@ -63,6 +63,7 @@ def test_the_control_readers_fetch_wait_reaches_its_consumer(monkeypatch):
     from worker.control import control_consumer_config
     from worker.settings import WorkerSettings
 
+    monkeypatch.delenv("TIERQ_CONTROL_FETCH_WAIT_MS", raising=False)
     assert WorkerSettings(_env_file=None).control_fetch_wait_ms == 20
     monkeypatch.setenv("TIERQ_CONTROL_FETCH_WAIT_MS", "500")
     settings = WorkerSettings(_env_file=None, bootstrap_servers="k:9092")

@@ -27,6 +27,7 @@ from confluent_kafka import TopicPartition
 from schemas.codec import MessageError, decode_cancel
 from schemas.messages import Cancel
 from schemas.settings import Settings
+from worker.settings import DEFAULT_CONTROL_FETCH_WAIT_MS
 
 log = structlog.get_logger("tierq.control")
 
@@ -78,7 +79,8 @@ def control_consumer_config(settings: Settings, fetch_wait_ms: int) -> dict[str,
 class ControlReader:
     """Reads the pool's control topic without blocking; ``poll`` returns the cancels that arrived."""
 
-    def __init__(self, settings: Settings, topic: str, memory_s: float, fetch_wait_ms: int = 20):
+    def __init__(self, settings: Settings, topic: str, memory_s: float,
+                 fetch_wait_ms: int = DEFAULT_CONTROL_FETCH_WAIT_MS):
         self.topic = topic
         self.memory_s = memory_s
         self._consumer = confluent_kafka.Consumer(control_consumer_config(settings, fetch_wait_ms))
