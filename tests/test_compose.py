@@ -58,7 +58,8 @@ def test_workers_environment_is_valid_worker_settings(compose, monkeypatch):
                 if key.startswith("TIERQ_") and "${" not in str(value):
                     env.setenv(key, str(value))
             settings = WorkerSettings(_env_file=None)
-        assert settings.fetch_wait_ms == dict.fromkeys(Band, 500) and settings.control_fetch_wait_ms == 500, name
+        assert settings.fetch_wait_ms == dict.fromkeys(Band, 500), name
+        assert settings.control_fetch_wait_ms == settings.attempts_fetch_wait_ms == 500, name
 
 
 def test_topic_creation_is_one_shot(compose):

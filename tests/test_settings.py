@@ -71,3 +71,17 @@ def test_the_control_readers_fetch_wait_reaches_its_consumer(monkeypatch):
     monkeypatch.setenv("TIERQ_CONTROL_FETCH_WAIT_MS", "0")
     with pytest.raises(ValueError, match="control_fetch_wait_ms"):
         WorkerSettings(_env_file=None)
+
+
+def test_the_attempts_readers_fetch_wait_reaches_its_consumer(monkeypatch):
+    from worker.attempts import attempts_consumer_config
+    from worker.settings import WorkerSettings
+
+    monkeypatch.delenv("TIERQ_ATTEMPTS_FETCH_WAIT_MS", raising=False)
+    assert WorkerSettings(_env_file=None).attempts_fetch_wait_ms == 100
+    monkeypatch.setenv("TIERQ_ATTEMPTS_FETCH_WAIT_MS", "500")
+    settings = WorkerSettings(_env_file=None, bootstrap_servers="k:9092")
+    assert attempts_consumer_config(settings, settings.attempts_fetch_wait_ms)["fetch.wait.max.ms"] == 500
+    monkeypatch.setenv("TIERQ_ATTEMPTS_FETCH_WAIT_MS", "60000")
+    with pytest.raises(ValueError, match="attempts_fetch_wait_ms"):
+        WorkerSettings(_env_file=None)

@@ -34,6 +34,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from broker.topics import PartitionKey
 from schemas.settings import Settings
+from worker.settings import DEFAULT_ATTEMPTS_FETCH_WAIT_MS
 
 #: Request ids cannot contain "/" (schemas.messages.REQUEST_ID_PATTERN), so marker keys never collide.
 MARKER_PREFIX = "held/"
@@ -44,24 +45,30 @@ def marker_key(group_id: str, tp: PartitionKey) -> str:
     return f"{MARKER_PREFIX}{group_id}/{tp[0]}/{tp[1]}"
 
 
+def attempts_consumer_config(settings: Settings, fetch_wait_ms: int = DEFAULT_ATTEMPTS_FETCH_WAIT_MS) -> dict:
+    """The attempts reader's librdkafka config (``WorkerSettings.attempts_fetch_wait_ms``)."""
+    return settings.librdkafka("worker-attempts", **{
+        "group.id": f"tierq-attempts-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        # a fetch that finds nothing waits this long; Tansu does not answer early when records
+        # arrive meanwhile, so librdkafka's 500 ms default would hold up every catch-up by that much
+        "fetch.wait.max.ms": fetch_wait_ms,
+    })
+
+
 class AttemptsLedger:
     """What the attempts topic says: counts per request_id, and this group's held-to markers."""
 
-    def __init__(self, settings: Settings, topic: str, group_id: str):
+    def __init__(self, settings: Settings, topic: str, group_id: str,
+                 fetch_wait_ms: int = DEFAULT_ATTEMPTS_FETCH_WAIT_MS):
         self.topic = topic
         self.counts: dict[str, int] = {}
         self.markers: dict[PartitionKey, int] = {}
         #: per assigned partition: offsets up to here may have been started by a worker that died
         self.suspect_to: dict[PartitionKey, int] = {}
         self._marker_prefix = f"{MARKER_PREFIX}{group_id}/"
-        self._consumer = confluent_kafka.Consumer(settings.librdkafka("worker-attempts", **{
-            "group.id": f"tierq-attempts-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            # a fetch that finds nothing waits this long; Tansu does not answer early when records
-            # arrive meanwhile, so the 500 ms default would hold up every catch-up by that much
-            "fetch.wait.max.ms": 100,
-        }))
+        self._consumer = confluent_kafka.Consumer(attempts_consumer_config(settings, fetch_wait_ms))
         # end offsets come from a client of its own: on the consumer's connection the query would
         # queue behind the consumer's waiting fetch
         self._admin_config = settings.librdkafka("worker-attempts-admin")

@@ -648,7 +648,8 @@ def build_worker(settings: WorkerSettings, topology: Topology, engine: EngineAda
     group_id = settings.group_id or topology.pool_group(settings.pool)
     writer = ReplyWriter(settings, topology.dlq.topic, topology.attempts.topic)
     # held-to markers are keyed by the pool's group name and the partition (its topic names the band)
-    guard = PoisonGuard(AttemptsLedger(settings, topology.attempts.topic, group_id), writer, group_id)
+    guard = PoisonGuard(AttemptsLedger(settings, topology.attempts.topic, group_id,
+                                       fetch_wait_ms=settings.attempts_fetch_wait_ms), writer, group_id)
     intake = Intake(settings, topology.pool_topics(settings.pool), topology.band_groups(settings.pool, group_id),
                     session_timeout_ms=settings.session_timeout_ms, client_id=settings.worker_id,
                     pool_group=group_id, fetch_wait_ms=settings.fetch_wait_ms,

@@ -21,6 +21,8 @@ DEFAULT_FETCH_WAIT_MS = 50
 MAX_FETCH_WAIT_MS = 59_000
 #: the control reader's fetch.wait.max.ms unless ``TIERQ_CONTROL_FETCH_WAIT_MS`` says otherwise
 DEFAULT_CONTROL_FETCH_WAIT_MS = 20
+#: the attempts reader's fetch.wait.max.ms unless ``TIERQ_ATTEMPTS_FETCH_WAIT_MS`` says otherwise
+DEFAULT_ATTEMPTS_FETCH_WAIT_MS = 100
 #: seconds a band group may spend re-forming before the worker says so (TIERQ_REBALANCE_STUCK_S)
 DEFAULT_REBALANCE_STUCK_S = 60.0
 
@@ -109,6 +111,11 @@ class WorkerSettings(Settings):
         "the control (cancel) reader's fetch.wait.max.ms. Kafka answers as soon as a cancel arrives; "
         "Tansu 0.6.0 holds the fetch the whole time, so there it is the cancel's added latency. Shorter: "
         "more empty fetches (on Tansu ~6% of a core per worker at 20 ms, ~2.4% at 100: bench.fetch_cost)"))
+    attempts_fetch_wait_ms: int = Field(default=DEFAULT_ATTEMPTS_FETCH_WAIT_MS, ge=1, le=MAX_FETCH_WAIT_MS, description=(
+        "the attempts (poison guard) reader's fetch.wait.max.ms. A worker that is assigned a partition "
+        "reads the attempts topic to its end before it serves it; Tansu 0.6.0 holds a fetch its whole "
+        "wait, so there the wait can delay that catch-up. Kafka answers as soon as records arrive: "
+        "500 costs nothing there and spares the broker ~10 empty fetches a second per worker"))
 
     @property
     def prefetch(self) -> int:
