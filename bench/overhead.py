@@ -263,6 +263,9 @@ def main() -> None:
                         help="run N busy-loop processes (on every core) beside both phases: CPU contention")
     parser.add_argument("--broker-nice", type=int, default=0, metavar="N",
                         help="run the broker at this niceness (the engine's scheduler loop then takes the shared core first)")
+    parser.add_argument("--broker-with-model", action="store_true",
+                        help="pin the broker to the model's cores (its work then fills the model's waits between "
+                             "steps instead of delaying the engine core's turn)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
     configure(level="WARNING")
@@ -285,6 +288,13 @@ def main() -> None:
                     os.setpriority(os.PRIO_PROCESS, int(thread), args.broker_nice)
                 except ProcessLookupError:
                     pass  # a thread that ended meanwhile
+        if args.broker_with_model and broker.pid and placement:
+            for thread in os.listdir(f"/proc/{broker.pid}/task"):
+                try:
+                    os.sched_setaffinity(int(thread), placement["model_cpus"])
+                except OSError:
+                    pass  # a thread that ended meanwhile
+            placement = {**placement, "broker_cpus": placement["model_cpus"]}
         meter.hog_pids = {h.pid for h in hogs}
         extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}
         settings = WorkerSettings(_env_file=None, bootstrap_servers=broker.bootstrap, max_num_seqs=args.slots, **extra)
