@@ -340,9 +340,10 @@ def main() -> None:
         "requests": n, "max_tokens": args.max_tokens, "slots": args.slots, "engine_queue": settings.engine_queue,
         "reserved_slots": "topics.yaml" if args.keep_reserved else 0, "placement": placement or "os",
         "broker_nice": args.broker_nice,
-        # TIERQ_FETCH_WAIT_MS / TIERQ_CONTROL_FETCH_WAIT_MS: the idle consumers' polling is most of the broker's CPU
+        # TIERQ_FETCH_WAIT_MS / TIERQ_CONTROL_FETCH_WAIT_MS / TIERQ_ATTEMPTS_FETCH_WAIT_MS: the idle consumers' polling is most of the broker's CPU
         "fetch_wait_ms": {band.value: ms for band, ms in settings.fetch_wait_ms.items()},
         "control_fetch_wait_ms": settings.control_fetch_wait_ms,
+        "attempts_fetch_wait_ms": settings.attempts_fetch_wait_ms,
         "median_round": {
             "direct": {"req_per_s": round(n / best["direct_s"], 1),
                        "tokens_per_s": round(best["direct_tokens"] / best["direct_s"], 1)},
