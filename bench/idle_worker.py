@@ -79,7 +79,8 @@ def main() -> None:
         bench = Bench(broker.bootstrap, broker.pid)
         process = psutil.Process(broker.pid)
         for round_ in range(args.rounds):
-            for name, env in SETTINGS.items():
+            order = list(SETTINGS.items())
+            for name, env in order if round_ % 2 == 0 else order[::-1]:  # alternate which goes first
                 row = measure(bench, process, env, args.seconds)
                 samples[name].append(row)
                 print(f"round {round_ + 1}, {name}: {row}", flush=True)

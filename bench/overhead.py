@@ -264,10 +264,12 @@ def main() -> None:
     parser.add_argument("--broker-nice", type=int, default=0, metavar="N",
                         help="run the broker at this niceness (the engine's scheduler loop then takes the shared core first)")
     parser.add_argument("--broker-with-model", action="store_true",
-                        help="pin the broker to the model's cores (its work then fills the model's waits between "
-                             "steps instead of delaying the engine core's turn)")
+                        help="pin the broker to the model's cores instead of the others (an experiment: can the model's "
+                             "waits between steps absorb the broker? measured 0.648 on 2 cores, see README)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/overhead-cpu.json"))
     args = parser.parse_args()
+    if args.broker_with_model and args.no_pin:
+        parser.error("--broker-with-model places the broker on the model's cores; it needs the pinning --no-pin turns off")
     configure(level="WARNING")
     machine_at_start = machine_info()
     others_at_start = other_processes()

@@ -115,7 +115,7 @@ class WorkerSettings(Settings):
         "the attempts (poison guard) reader's fetch.wait.max.ms. A worker that is assigned a partition "
         "reads the attempts topic to its end before it serves it; Tansu 0.6.0 holds a fetch its whole "
         "wait, so there the wait can delay that catch-up. Kafka answers as soon as records arrive: "
-        "500 costs nothing there and spares the broker ~10 empty fetches a second per worker"))
+        "500 costs nothing there and spares the broker ~8 of its ~10 empty fetches a second per worker"))
 
     @property
     def prefetch(self) -> int:
