@@ -9,6 +9,7 @@ its own on a pool of its own (pool ``solo``), so only it and its successor serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -240,9 +241,12 @@ async def test_a_client_hanging_up_cancels_its_request(stack: Stack):
                 "temperature": 0, "stream": True}
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             request_id = response.headers["x-tierq-request-id"]
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    break  # the first delta: hang up now
+            # closed here, not left to the garbage collector half-read (httpx's generators then
+            # finalize whenever a later test happens to trigger a collection)
+            async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async for line in lines:
+                    if line.startswith("data: "):
+                        break  # the first delta: hang up now
     reply = await stack.reply(request_id)
     assert reply.status is Status.cancelled and reply.usage.completion_tokens < LONG
 
