@@ -59,29 +59,21 @@ def test_each_bands_fetch_wait_reaches_its_consumer(monkeypatch):
         WorkerSettings(_env_file=None)
 
 
-def test_the_control_readers_fetch_wait_reaches_its_consumer(monkeypatch):
+@pytest.mark.parametrize("reader, default, out_of_range", [("control", 20, "0"), ("attempts", 100, "60000")])
+def test_a_readers_fetch_wait_reaches_its_consumer(monkeypatch, reader, default, out_of_range):
+    """TIERQ_CONTROL_FETCH_WAIT_MS / TIERQ_ATTEMPTS_FETCH_WAIT_MS: default, parsed, in the consumer's
+    config, bounded."""
+    from worker.attempts import attempts_consumer_config
     from worker.control import control_consumer_config
     from worker.settings import WorkerSettings
 
-    monkeypatch.delenv("TIERQ_CONTROL_FETCH_WAIT_MS", raising=False)
-    assert WorkerSettings(_env_file=None).control_fetch_wait_ms == 20
-    monkeypatch.setenv("TIERQ_CONTROL_FETCH_WAIT_MS", "500")
+    config = {"control": control_consumer_config, "attempts": attempts_consumer_config}[reader]
+    env, field = f"TIERQ_{reader.upper()}_FETCH_WAIT_MS", f"{reader}_fetch_wait_ms"
+    monkeypatch.delenv(env, raising=False)
+    assert getattr(WorkerSettings(_env_file=None), field) == default
+    monkeypatch.setenv(env, "500")
     settings = WorkerSettings(_env_file=None, bootstrap_servers="k:9092")
-    assert control_consumer_config(settings, settings.control_fetch_wait_ms)["fetch.wait.max.ms"] == 500
-    monkeypatch.setenv("TIERQ_CONTROL_FETCH_WAIT_MS", "0")
-    with pytest.raises(ValueError, match="control_fetch_wait_ms"):
-        WorkerSettings(_env_file=None)
-
-
-def test_the_attempts_readers_fetch_wait_reaches_its_consumer(monkeypatch):
-    from worker.attempts import attempts_consumer_config
-    from worker.settings import WorkerSettings
-
-    monkeypatch.delenv("TIERQ_ATTEMPTS_FETCH_WAIT_MS", raising=False)
-    assert WorkerSettings(_env_file=None).attempts_fetch_wait_ms == 100
-    monkeypatch.setenv("TIERQ_ATTEMPTS_FETCH_WAIT_MS", "500")
-    settings = WorkerSettings(_env_file=None, bootstrap_servers="k:9092")
-    assert attempts_consumer_config(settings, settings.attempts_fetch_wait_ms)["fetch.wait.max.ms"] == 500
-    monkeypatch.setenv("TIERQ_ATTEMPTS_FETCH_WAIT_MS", "60000")
-    with pytest.raises(ValueError, match="attempts_fetch_wait_ms"):
+    assert config(settings, getattr(settings, field))["fetch.wait.max.ms"] == 500
+    monkeypatch.setenv(env, out_of_range)
+    with pytest.raises(ValueError, match=field):
         WorkerSettings(_env_file=None)
