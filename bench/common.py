@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,16 @@ def stack(args: argparse.Namespace) -> Iterator[tuple[Engine, str]]:
         engine.shutdown()
 
 
+def for_each_thread(pid: int, apply: Callable[[int], object]) -> None:
+    """``apply(thread id)`` for every thread of process ``pid`` (placement and niceness are per
+    thread on Linux); a thread that ended meanwhile is skipped."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            apply(int(thread))
+        except OSError:  # ProcessLookupError included
+            pass
+
+
 def keep_off_model_cores(engine_core_with_model: bool = False) -> dict[str, list[int]]:
     """Move this process (every thread) and its children, except vLLM's model process, off the
     cores vLLM's CPU backend binds the model to; processes started later inherit it.
@@ -94,11 +104,7 @@ def keep_off_model_cores(engine_core_with_model: bool = False) -> dict[str, list
     core = [c for c in children if c.name().startswith("VLLM::EngineCore")] if engine_core_with_model else []
     for process in [me] + [c for c in children if c.pid != model[0].pid]:
         cpus = model_cpus if any(process.pid == c.pid for c in core) else rest
-        for thread in process.threads():
-            try:
-                os.sched_setaffinity(thread.id, cpus)
-            except OSError:
-                pass  # a thread that ended meanwhile
+        for_each_thread(process.pid, lambda tid: os.sched_setaffinity(tid, cpus))
     placement = {"model_cpus": sorted(model_cpus), "other_cpus": sorted(rest)}
     if core:
         placement["engine_core_cpus"] = sorted(model_cpus)

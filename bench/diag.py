@@ -96,7 +96,7 @@ class EngineSteps:
         }
 
 
-def _thread_group(pid: int, tid: int) -> str:
+def thread_group(pid: int, tid: int) -> str:
     """The event loop's thread ("main"), librdkafka's, ZeroMQ's (vLLM's engine client), the rest."""
     if tid == pid:
         return "main"
@@ -152,7 +152,7 @@ class CpuMeter:
         own = me.cpu_times()
         roles["client"] = own.user + own.system
         for thread in me.threads():
-            group = "client_" + _thread_group(me.pid, thread.id)
+            group = "client_" + thread_group(me.pid, thread.id)
             roles[group] = roles.get(group, 0.0) + thread.user_time + thread.system_time
         per_core = [c.user + c.nice + c.system + c.irq + c.softirq + c.steal
                     for c in psutil.cpu_times(percpu=True)]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import psutil
 
+from bench.diag import thread_group
 from bench.poolkit import Bench, EngineShape, Pool, git_head, machine_info, other_processes
 from broker.embedded import EmbeddedBroker
 
@@ -29,22 +29,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KAFKA_LIKE = {"TIERQ_FETCH_WAIT_MS": json.dumps({"high": 500, "medium": 500, "low": 500}),
               "TIERQ_CONTROL_FETCH_WAIT_MS": "500", "TIERQ_ATTEMPTS_FETCH_WAIT_MS": "500"}
 SETTINGS = {"defaults": {}, "500 ms waits (docker-compose, Kafka)": KAFKA_LIKE}
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds by thread kind: the main thread (the event loop), librdkafka's (``rdk:``), others."""
+    """CPU seconds by thread kind (``bench.diag.thread_group``): the main thread (the event loop),
+    librdkafka's, the rest."""
     out = {"event_loop": 0.0, "librdkafka": 0.0, "other": 0.0}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # a thread that ended meanwhile
-        kind = "event_loop" if int(tid) == pid else "librdkafka" if name.startswith("rdk:") else "other"
-        out[kind] += (int(fields[11]) + int(fields[12])) / TICKS
+    for thread in psutil.Process(pid).threads():
+        group = thread_group(pid, thread.id)
+        kind = {"main": "event_loop", "librdkafka": "librdkafka"}.get(group, "other")
+        out[kind] += thread.user_time + thread.system_time
     return out
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import keep_off_model_cores, topology
+from bench.common import for_each_thread, keep_off_model_cores, topology
 from bench.diag import CpuMeter, EngineSteps, start_hogs, stop_hogs
 from bench.poolkit import git_head, machine_info, other_processes
 from broker.embedded import EmbeddedBroker
@@ -285,17 +285,9 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         meter = CpuMeter(broker.pid)
         if args.broker_nice and broker.pid:
-            for thread in os.listdir(f"/proc/{broker.pid}/task"):  # niceness is per thread on Linux
-                try:
-                    os.setpriority(os.PRIO_PROCESS, int(thread), args.broker_nice)
-                except ProcessLookupError:
-                    pass  # a thread that ended meanwhile
+            for_each_thread(broker.pid, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, args.broker_nice))
         if args.broker_with_model and broker.pid and placement:
-            for thread in os.listdir(f"/proc/{broker.pid}/task"):
-                try:
-                    os.sched_setaffinity(int(thread), placement["model_cpus"])
-                except OSError:
-                    pass  # a thread that ended meanwhile
+            for_each_thread(broker.pid, lambda tid: os.sched_setaffinity(tid, placement["model_cpus"]))
             placement = {**placement, "broker_cpus": placement["model_cpus"]}
         meter.hog_pids = {h.pid for h in hogs}
         extra = {} if args.engine_queue is None else {"engine_queue": args.engine_queue}

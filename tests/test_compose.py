@@ -1,5 +1,6 @@
 """docker-compose.yml is valid compose for this project (no Docker engine needed to check)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,6 @@ def test_workers_environment_is_valid_worker_settings(compose, monkeypatch):
     would stop the worker at start), and each worker on Kafka uses long fetch waits."""
     from schemas.messages import Band
     from worker.settings import WorkerSettings
-
-    import os
 
     workers = {name: s for name, s in compose["services"].items() if s.get("command", [None])[0] == "worker"}
     assert workers

@@ -45,7 +45,7 @@ def marker_key(group_id: str, tp: PartitionKey) -> str:
     return f"{MARKER_PREFIX}{group_id}/{tp[0]}/{tp[1]}"
 
 
-def attempts_consumer_config(settings: Settings, fetch_wait_ms: int = DEFAULT_ATTEMPTS_FETCH_WAIT_MS) -> dict:
+def attempts_consumer_config(settings: Settings, fetch_wait_ms: int) -> dict[str, object]:
     """The attempts reader's librdkafka config (``WorkerSettings.attempts_fetch_wait_ms``)."""
     return settings.librdkafka("worker-attempts", **{
         "group.id": f"tierq-attempts-{uuid.uuid4().hex}",
